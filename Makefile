@@ -1,0 +1,41 @@
+# The two commands: `make serve` and `make test`. Each sets up what it needs first
+# (venv, packages, the default model) and skips what is already done.
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 5000
+PY := $(VENV)/bin/python
+
+.PHONY: serve test install install-test model lint bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar off --upgrade pip
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh | $(PY)
+	PYTHON=$(PY) scripts/install.sh auto
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml scripts/install.sh | $(PY)
+	PYTHON=$(PY) scripts/install.sh auto test
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Prepares the default model (SmolLM2-135M-Instruct) once into ~/.cache/kaito-chat.
+model: install
+	$(PY) -m app.model_prep
+
+serve: install model
+	$(PY) -m app --port $(PORT)
+
+test: install-test model
+	$(PY) -m pytest
+
+lint: install-test
+	$(PY) -m ruff check app param_mapping tests bench
+	$(PY) -m ruff format --check app param_mapping tests bench
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

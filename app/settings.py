@@ -1,0 +1,82 @@
+"""Every server setting in one place.
+
+Each setting is an environment variable with the ``KAITO_`` prefix and an equivalent
+command-line flag (``KAITO_MAX_MODEL_LEN`` / ``--max-model-len``). As in vLLM, the
+command line takes precedence over the environment. The README lists them all.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "kaito-chat" / "models" / "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KAITO_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="python -m app",
+        protected_namespaces=(),
+    )
+
+    model: str = Field(
+        default=str(DEFAULT_MODEL_DIR),
+        description="Local model directory or Hugging Face hub id. The default is the "
+        "SmolLM2-135M-Instruct directory that `make model` prepares.",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name reported for the model; defaults to `model`."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the engine runs; auto picks cuda when a GPU is visible."
+    )
+    dtype: str = Field(
+        default="auto",
+        description="Weights dtype. auto means float32 on CPU (no bf16 kernels on AVX2 "
+        "machines) and the model's own dtype on a GPU.",
+    )
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Context length (prompt + generated); default: the model's."
+    )
+    max_num_seqs: int | None = Field(
+        default=None, gt=0, description="Most sequences the engine batches at once; default: vLLM's."
+    )
+    kv_cache_space_gib: float = Field(
+        default=2.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Share of GPU memory vLLM may take (weights + KV cache)."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip torch.compile / CUDA graphs: starts faster, runs slower (tests use it).",
+    )
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=5000, ge=1, le=65535, description="Port to listen on (Kaito's 5000).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level of the server and the engine."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        allowed = {"auto", "float32", "float16", "bfloat16", "half", "float"}
+        if value not in allowed:
+            raise ValueError(f"dtype must be one of {sorted(allowed)}, got {value!r}")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, with command-line flags (if given) over it."""
+    if argv is None:
+        return Settings()
+    return Settings(_cli_parse_args=argv)  # type: ignore[call-arg]
