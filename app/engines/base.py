@@ -1,0 +1,68 @@
+"""The engine protocol every backend implements, and what flows through it.
+
+Like vLLM's ``EngineClient``: the HTTP layer only sees ``generate``, ``abort`` and the
+health checks, so tests can plug in a fake and backends can be swapped.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from param_mapping import SamplingSpec, SpecialTokens
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+
+
+@dataclass(frozen=True)
+class GeneratedSequence:
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    sequences: list[GeneratedSequence] = field(default_factory=list)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve any more requests."""
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(
+        self,
+        token_ids: list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str: ...
+
+
+class Engine(Protocol):
+    name: str  # "vllm" or "hf": which path served a request
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def special_tokens(self) -> SpecialTokens: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def is_ready(self) -> bool:
+        """Started and alive: what /health reports."""
+        ...

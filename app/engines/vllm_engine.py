@@ -1,0 +1,180 @@
+"""The vLLM backend: one AsyncLLM per process, shared by every request.
+
+Concurrency comes from the engine's continuous batching; nothing here serialises
+requests. This is the only module that imports vLLM (lazily, in ``start``), so the HTTP
+layer and its tests load without it.
+"""
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from app.engines.base import (
+    EngineDeadError,
+    GeneratedSequence,
+    GenerationRequest,
+    GenerationResult,
+    Tokenizer,
+)
+from app.settings import Settings
+from param_mapping import SamplingSpec, SpecialTokens
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
+    """Environment the engine core reads when it spawns; must run before vLLM starts it.
+
+    Values already in the environment win, so an operator can still override them.
+    """
+    # One logits-processor interface everywhere: Model Runner V2 (a GPU default in
+    # 0.32) rejects V1-interface processors, and CPU only has V1 (../shared/NOTES.md).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if not on_gpu:
+        # vLLM reserves a core for the frontend by default; on small machines using
+        # every core for compute doubled throughput (NOTES.md).
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
+
+
+def to_sampling_params(spec: SamplingSpec) -> "SamplingParams":
+    """Our engine-neutral spec -> vLLM SamplingParams (same field names)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=spec.n,
+        temperature=spec.temperature,
+        top_k=spec.top_k,
+        top_p=spec.top_p,
+        repetition_penalty=spec.repetition_penalty,
+        max_tokens=spec.max_tokens,
+        min_tokens=spec.min_tokens,
+        stop_token_ids=list(spec.stop_token_ids),
+        ignore_eos=spec.ignore_eos,
+        stop=spec.stop,
+        # transformers keeps the stop string in its output.
+        include_stop_str_in_output=True,
+        logit_bias=spec.logit_bias,
+        seed=spec.seed,
+        extra_args=dict(spec.extra_args) or None,
+        # We decode the final token ids once, the pipeline's way; vLLM need not
+        # detokenize every step unless stop strings need the text.
+        detokenize=bool(spec.stop),
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._special: SpecialTokens | None = None
+        self._max_model_len = 0
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self._tokenizer is not None, "engine not started"
+        return self._tokenizer  # type: ignore[no-any-return]
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        assert self._special is not None, "engine not started"
+        return self._special
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def engine_args(self, on_gpu: bool) -> dict[str, Any]:
+        s = self._settings
+        return {
+            "model": s.model,
+            "served_model_name": s.model_name,
+            "dtype": s.dtype if (s.dtype != "auto" or on_gpu) else "float32",
+            "max_model_len": s.max_model_len,
+            "max_num_seqs": s.max_num_seqs,
+            "gpu_memory_utilization": s.gpu_memory_utilization,
+            "tensor_parallel_size": s.tensor_parallel_size,
+            "enforce_eager": s.enforce_eager,
+            # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
+            "disable_log_stats": False,
+        }
+
+    async def start(self) -> None:
+        on_gpu = self._settings.device == "cuda" or (
+            self._settings.device == "auto" and gpu_available()
+        )
+        configure_vllm_environment(self._settings, on_gpu)
+
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = {k: v for k, v in self.engine_args(on_gpu).items() if v is not None}
+        log.info("starting vLLM engine: %s", args)
+        # Building the engine blocks for a minute or more (weights, warm-up): do it off
+        # the event loop so /livez and /health keep answering meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
+        model_config = self._llm.model_config
+        self._max_model_len = model_config.max_model_len
+        # The same tokenizer transformers' pipeline would use: Kaito's text rules
+        # (prefix, pipeline decoding) are defined in its terms.
+        self._tokenizer = AutoTokenizer.from_pretrained(self._settings.model)
+        self._special = SpecialTokens(
+            eos_token_id=self._tokenizer.eos_token_id,
+            pad_token_id=self._tokenizer.pad_token_id,
+            bos_token_id=self._tokenizer.bos_token_id,
+            vocab_size=model_config.get_vocab_size(),
+        )
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def is_ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        if self._llm is None or self._llm.errored:
+            raise EngineDeadError("the vLLM engine is not running")
+        final = None
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+                to_sampling_params(request.sampling),
+                request.request_id,
+            ):
+                final = output
+        except VLLMEngineDead as exc:
+            raise EngineDeadError("the vLLM engine died") from exc
+        assert final is not None
+        return GenerationResult(
+            sequences=[
+                GeneratedSequence(token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+                for c in sorted(final.outputs, key=lambda c: c.index)
+            ]
+        )
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)

@@ -1,0 +1,80 @@
+"""The /chat logic between HTTP and the engine: tokenize, map, generate, decode."""
+
+import uuid
+
+from app.engines.base import Engine, GenerationRequest
+from app.errors import HTTPError
+from app.metrics import BACKEND_REQUESTS
+from app.pipeline_text import PipelineDecoder
+from app.schemas import ChatRequest, ChatResponse, Sequence, Usage
+from param_mapping import to_generation_plan
+
+# Kaito's exact message.
+PROMPT_REQUIRED = "Text generation parameter prompt required"
+
+
+def new_request_id() -> str:
+    return f"chat-{uuid.uuid4().hex}"
+
+
+class ChatService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _check_ready(self) -> None:
+        if not self.engine.is_ready():
+            raise HTTPError(503, "The model is not ready yet (loading) or the engine is down.")
+
+    async def chat(self, request: ChatRequest, request_id: str) -> ChatResponse:
+        if not request.prompt:
+            raise HTTPError(400, PROMPT_REQUIRED)
+        self._check_ready()
+        engine = self.engine
+        tokenizer = engine.tokenizer
+
+        # The pipeline tokenizes prefix + prompt with the tokenizer's default special
+        # tokens, and measures the prefix alone without them (it adds that length to
+        # max_length / min_length).
+        prefix = request.prefix or ""
+        prompt_ids = tokenizer.encode(prefix + request.prompt)
+        prefix_tokens = len(tokenizer.encode(prefix, add_special_tokens=False)) if prefix else 0
+
+        plan = to_generation_plan(
+            request.generate_kwargs_given(),
+            prompt_tokens=len(prompt_ids),
+            prefix_tokens=prefix_tokens,
+            special=engine.special_tokens,
+            max_model_len=engine.max_model_len,
+            handle_long_generation=request.handle_long_generation,
+        )
+        if plan.keep_last_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-plan.keep_last_prompt_tokens :]
+
+        result = await engine.generate(
+            GenerationRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=plan.sampling)
+        )
+        BACKEND_REQUESTS.labels(engine.name).inc()
+
+        decoder = PipelineDecoder(
+            tokenizer, prompt_ids, clean_up=bool(request.clean_up_tokenization_spaces)
+        )
+        full = request.return_full_text is not False  # null means the pipeline default (true)
+        sequences = [
+            Sequence(
+                text=decoder.generated_text(request.prompt, seq.token_ids, full),
+                finish_reason=seq.finish_reason,
+                generated_tokens=len(seq.token_ids),
+            )
+            for seq in result.sequences
+        ]
+        completion_tokens = sum(s.generated_tokens for s in sequences)
+        return ChatResponse(
+            Result="".join(s.text for s in sequences),
+            sequences=sequences,
+            usage=Usage(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+                total_tokens=len(prompt_ids) + completion_tokens,
+            ),
+            backend=engine.name,
+        )

@@ -1,0 +1,52 @@
+"""What the translation produces: engine-neutral generation parameters.
+
+``SamplingSpec`` uses vLLM ``SamplingParams`` field names so the vLLM backend can pass
+it through unchanged, but it is a plain dataclass: this package never imports vLLM.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's special ids that transformers falls back to."""
+
+    eos_token_id: int | None
+    pad_token_id: int | None
+    bos_token_id: int | None
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 1
+    # 0.0 means greedy, as in vLLM.
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    # transformers stops only at the eos ids it is given, so we always pass them
+    # explicitly and tell vLLM to ignore its own idea of EOS.
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = True
+    stop: list[str] | None = None
+    # Single-token bans: a logit bias of -inf, which is exactly what transformers'
+    # NoBadWordsLogitsProcessor does for one-token entries.
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    # Per-request values for our own logits processors.
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything the serving layer needs to run one /chat request."""
+
+    sampling: SamplingSpec
+    # Prompt tokens to keep from the end (handle_long_generation="hole"); None keeps all.
+    keep_last_prompt_tokens: int | None = None
+    # Which path serves it.
+    backend: str = "vllm"
