@@ -4,6 +4,7 @@ the install going through scripts/install.sh so the vLLM and torch versions are
 pyproject.toml's, the ones CI installs with the same script."""
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
@@ -228,8 +229,10 @@ def test_project_wheel_carries_the_pins(
             elif src.exists():
                 (context / source).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, context / source)
+    # Offline with the venv's setuptools; where it has none, pip fetches the build backend.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation,
          "--quiet", "-w", str(tmp_path / "dist"), str(context)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
