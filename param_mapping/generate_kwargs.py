@@ -8,7 +8,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from param_mapping.beam import DEFAULT_MAX_NUM_BEAMS, BeamSpec, beam_route, beam_spec
 from param_mapping.errors import ParameterError
+from param_mapping.hf_kwargs import transformers_generate_kwargs
 from param_mapping.spec import GenerationPlan, SamplingSpec, SpecialTokens
 
 # Kaito's GenerateKwargs defaults, verbatim. pad/eos None mean "the tokenizer's".
@@ -133,28 +135,9 @@ def merge_with_defaults(generate_kwargs: Mapping[str, Any] | None) -> dict[str, 
     return {**ALL_DEFAULTS, **given}
 
 
-def _check_beam_params(kw: Mapping[str, Any]) -> None:
-    num_beams = _int(kw, "num_beams", 1)
-    num_beam_groups = _int(kw, "num_beam_groups", 1)
-    diversity_penalty = _float(kw, "diversity_penalty")
-    _float(kw, "length_penalty")
-    early_stopping = kw["early_stopping"]
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ParameterError(
-            _name("early_stopping"),
-            f"early_stopping must be true, false or \"never\", got {early_stopping!r}.",
-        )
-    if num_beams > 1:
-        raise _not_supported_yet("num_beams", num_beams)
-    if num_beam_groups > 1:
-        raise _not_supported_yet("num_beam_groups", num_beam_groups)
-    # transformers uses diversity_penalty only in group beam search.
-    if diversity_penalty != 0.0:
-        raise ParameterError(
-            _name("diversity_penalty"),
-            f"diversity_penalty applies only to group beam search (num_beam_groups > 1), "
-            f"got {diversity_penalty} with num_beam_groups={num_beam_groups}.",
-        )
+def _check_beam_params(kw: Mapping[str, Any], max_num_beams: int) -> BeamSpec | None:
+    # Validation and the beam rules live in param_mapping/beam.py (issue 4).
+    return beam_spec(kw, max_num_beams=max_num_beams)
 
 
 def _bad_word_bias(kw: Mapping[str, Any], special: SpecialTokens) -> dict[int, float] | None:
@@ -269,6 +252,7 @@ def to_generation_plan(
     special: SpecialTokens,
     max_model_len: int,
     handle_long_generation: str | None = None,
+    max_num_beams: int = DEFAULT_MAX_NUM_BEAMS,
 ) -> GenerationPlan:
     """Maps a /chat request's generate_kwargs to engine parameters, or raises ParameterError.
 
@@ -282,7 +266,7 @@ def to_generation_plan(
         )
     kw = merge_with_defaults(generate_kwargs)
 
-    _check_beam_params(kw)
+    beam = _check_beam_params(kw, max_num_beams)
     for key in ("output_scores", "return_dict_in_generate", "use_cache"):
         _bool(kw, key)  # no effect on the returned text, as in Kaito's pipeline
     _opt_int(kw, "pad_token_id", 0)  # no effect on a single prompt
@@ -309,7 +293,7 @@ def to_generation_plan(
             _name("repetition_penalty"),
             f"repetition_penalty must be a strictly positive float, got {repetition_penalty}.",
         )
-    if not do_sample and n > 1:
+    if not do_sample and n > 1 and beam is None:
         # transformers: "Greedy methods without beam search do not support
         # `num_return_sequences` different than 1".
         raise ParameterError(
@@ -352,4 +336,18 @@ def to_generation_plan(
         stop=_stop_strings(kw),
         logit_bias=_bad_word_bias(kw, special),
     )
-    return GenerationPlan(sampling=sampling, keep_last_prompt_tokens=keep)
+    backend, backend_reason = beam_route(beam, sampling)
+    return GenerationPlan(
+        sampling=sampling,
+        keep_last_prompt_tokens=keep,
+        backend=backend,
+        backend_reason=backend_reason,
+        beam=beam,
+        transformers_kwargs=transformers_generate_kwargs(
+            kw,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            eos_token_ids=sampling.stop_token_ids,
+            pad_token_id=special.pad_token_id,
+        ),
+    )

@@ -7,6 +7,8 @@ it through unchanged, but it is a plain dataclass: this package never imports vL
 from dataclasses import dataclass, field
 from typing import Any
 
+from param_mapping.beam import BeamSpec
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -48,5 +50,11 @@ class GenerationPlan:
     sampling: SamplingSpec
     # Prompt tokens to keep from the end (handle_long_generation="hole"); None keeps all.
     keep_last_prompt_tokens: int | None = None
-    # Which path serves it.
+    # Which path serves it: "vllm" (the primary engine) or "hf" (transformers), and the
+    # parameter that needs transformers (for logs and errors).
     backend: str = "vllm"
+    backend_reason: str | None = None
+    # Beam search parameters; None without beams (num_beams == 1).
+    beam: BeamSpec | None = None
+    # The request in transformers' own terms (lengths resolved), for the transformers path.
+    transformers_kwargs: dict[str, Any] = field(default_factory=dict)
