@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh | $(PY)
 	PYTHON=$(PY) scripts/install.sh auto
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml scripts/install.sh | $(PY)
+$(VENV)/.installed-test: pyproject.toml scripts/install.sh scripts/install-test-tools.sh | $(PY)
 	PYTHON=$(PY) scripts/install.sh auto test
+	scripts/install-test-tools.sh
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

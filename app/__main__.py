@@ -1,22 +1,53 @@
 """``python -m app [--flags]``: serve /chat. Every flag has a KAITO_* env var twin."""
 
+import asyncio
 import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
+from app.admission import Admission
+from app.logs import configure_logging
 from app.server import create_app
 from app.settings import load_settings
+
+log = logging.getLogger("app")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM first drains: readiness and new requests turn 503 while
+    in-flight requests finish (up to the grace period); then the usual shutdown stops the
+    engine. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_seconds: float) -> None:
+        super().__init__(config)
+        self.admission = admission
+        self.grace_seconds = grace_seconds
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        log.info("SIGTERM: draining %d in-flight requests", self.admission.in_flight)
+        finished = await self.admission.drain(self.grace_seconds)
+        if not finished:
+            log.warning("grace period over with %d requests in flight", self.admission.in_flight)
+        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     fatal: list[str] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -25,12 +56,18 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,  # keep our handlers (JSON lines)
+        timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.admission, settings.shutdown_grace_seconds)
     server.run()
     if fatal:
-        logging.getLogger("app").error("exiting: %s", fatal[0])
+        log.error("exiting non-zero: %s", fatal[0])
         return 1
     return 0
 

@@ -1,13 +1,16 @@
 """HTTP routes. Thin: read the engine from app.state, call the service, shape the reply."""
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from app.admission import Admission
+from app.auth import require_api_key
+from app.errors import HTTPError
 from app.schemas import ChatRequest, ChatResponse, ErrorResponse
 from app.serving import ChatService, new_request_id
 
@@ -17,7 +20,11 @@ router = APIRouter()
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid parameter value; names the parameter."},
-    503: {"model": ErrorResponse, "description": "The engine is loading or down."},
+    401: {"model": ErrorResponse, "description": "API key required (when KAITO_API_KEY is set)."},
+    413: {"model": ErrorResponse, "description": "Request body too large."},
+    429: {"model": ErrorResponse, "description": "Too many requests in flight; see Retry-After."},
+    503: {"model": ErrorResponse, "description": "The engine is loading, down, or the server is draining."},
+    504: {"model": ErrorResponse, "description": "Generation exceeded the request timeout."},
 }
 
 
@@ -29,23 +36,38 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """Runs ``work``; if the client disconnects first, cancels it and returns None.
+async def run_generation(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Runs one generation under the server's rules; every generation route uses it.
 
+    - admission: past the in-flight bound, 429 at once (503 while draining);
+    - timeout: past request_timeout_seconds, the work is cancelled and the reply is 504;
+    - disconnect: if the client goes away first, the work is cancelled and None returned.
     Cancelling the engine call aborts the request inside vLLM (AsyncLLM.generate aborts
-    on CancelledError), which frees its batch slot and KV cache.
+    on CancelledError), which frees its batch slot and KV cache at once.
     """
-    work_task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    settings = request.app.state.settings
+    admission: Admission = request.app.state.admission
     try:
-        done, _ = await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        async with admission.admit():
+            work_task = asyncio.ensure_future(work)
+            watcher = asyncio.ensure_future(_until_disconnect(request))
+            timeout = settings.request_timeout_seconds or None
+            try:
+                done, _ = await asyncio.wait(
+                    {work_task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                watcher.cancel()
+            if work_task in done:
+                return work_task.result()
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+            if watcher in done:
+                return None
+            raise HTTPError(504, f"Generation took longer than {timeout:g} s and was aborted.")
     finally:
-        watcher.cancel()
-    if work_task in done:
-        return work_task.result()
-    work_task.cancel()
-    await asyncio.gather(work_task, return_exceptions=True)
-    return None
+        # If admission refused, the coroutine never ran: close it quietly.
+        work.close()
 
 
 @router.get("/", summary="Liveness message (Kaito's)")
@@ -56,7 +78,8 @@ async def home() -> dict[str, str]:
 @router.get("/health", summary="Ready: 200 only when the engine is loaded and alive")
 @router.get("/healthz", include_in_schema=False)
 async def health(request: Request) -> JSONResponse:
-    if request.app.state.engine.is_ready():
+    # Draining counts as not ready, so Kubernetes stops sending traffic here.
+    if request.app.state.engine.is_ready() and not request.app.state.admission.draining:
         return JSONResponse({"status": "Healthy"})
     return JSONResponse({"status": "Unhealthy"}, status_code=503)
 
@@ -77,10 +100,11 @@ async def metrics() -> Response:
     response_model=ChatResponse,
     responses=ERROR_RESPONSES,
     summary="Kaito text generation: transformers pipeline semantics on vLLM",
+    dependencies=[Depends(require_api_key)],
 )
 async def chat(body: ChatRequest, request: Request) -> ChatResponse | Response:
     service: ChatService = request.app.state.chat_service
-    reply = await cancel_on_disconnect(request, service.chat(body, new_request_id()))
+    reply = await run_generation(request, service.chat(body, new_request_id()))
     if reply is None:
         # The client is gone; nobody reads this (499 is nginx's "client closed request").
         return Response(status_code=499)

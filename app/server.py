@@ -8,14 +8,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.admission import Admission
 from app.engines.base import Engine
 from app.errors import register_error_handlers
 from app.metrics import MetricsMiddleware
+from app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.routes import router
 from app.serving import ChatService
 from app.settings import Settings
+from param_mapping.limits import Limits
 
 log = logging.getLogger(__name__)
+
+# How often the watchdog looks at the engine: /health must turn 503 within 5 s of a death.
+WATCHDOG_INTERVAL_S = 0.5
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -29,28 +35,38 @@ def create_app(
     engine: Engine | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """``on_fatal`` is called when the engine cannot start; the CLI uses it to exit non-zero."""
+    """``on_fatal`` is called when the engine fails to start or dies; the CLI then exits
+    non-zero so that Kubernetes restarts the pod."""
     engine = engine or build_engine(settings)
+    admission = Admission(settings.max_concurrent_requests)
 
-    async def start_engine() -> None:
+    def fatal(reason: str) -> None:
+        log.error("fatal: %s", reason)
+        if on_fatal is not None:
+            on_fatal(reason)
+
+    async def start_then_watch() -> None:
         try:
             await engine.start()
-            log.info("engine ready")
         except Exception as exc:
             log.exception("engine failed to start")
-            if on_fatal is not None:
-                on_fatal(f"engine failed to start: {exc}")
+            fatal(f"engine failed to start: {exc}")
+            return
+        log.info("engine ready")
+        while engine.is_ready():
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        fatal("the engine died")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine loads in the background so /livez and /health (503) answer while a
         # large model loads.
-        starting = asyncio.create_task(start_engine())
+        supervisor = asyncio.create_task(start_then_watch())
         try:
             yield
         finally:
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
             await engine.stop()
 
     app = FastAPI(
@@ -61,9 +77,16 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.chat_service = ChatService(engine)
+    app.state.admission = admission
+    app.state.chat_service = ChatService(
+        engine,
+        Limits(max_num_return_sequences=settings.max_num_return_sequences),
+    )
     register_error_handlers(app)
     app.include_router(router)
     known = frozenset(getattr(r, "path", "") for r in app.routes)
+    # Added last = outermost: request ids cover everything, including 413s.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, known_routes=known)
+    app.add_middleware(RequestIdMiddleware)
     return app

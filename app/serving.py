@@ -8,6 +8,7 @@ from app.metrics import BACKEND_REQUESTS
 from app.pipeline_text import PipelineDecoder
 from app.schemas import ChatRequest, ChatResponse, Sequence, Usage
 from param_mapping import to_generation_plan
+from param_mapping.limits import Limits, check_limits
 
 # Kaito's exact message.
 PROMPT_REQUIRED = "Text generation parameter prompt required"
@@ -18,8 +19,9 @@ def new_request_id() -> str:
 
 
 class ChatService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, limits: Limits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or Limits()
 
     def _check_ready(self) -> None:
         if not self.engine.is_ready():
@@ -39,6 +41,7 @@ class ChatService:
         prompt_ids = tokenizer.encode(prefix + request.prompt)
         prefix_tokens = len(tokenizer.encode(prefix, add_special_tokens=False)) if prefix else 0
 
+        check_limits(request.generate_kwargs_given(), self.limits)
         plan = to_generation_plan(
             request.generate_kwargs_given(),
             prompt_tokens=len(prompt_ids),

@@ -8,7 +8,7 @@ command line takes precedence over the environment. The README lists them all.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "kaito-chat" / "models" / "SmolLM2-135M-Instruct"
@@ -49,17 +49,82 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
     gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="Share of GPU memory vLLM may take (weights + KV cache)."
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Share of GPU memory vLLM may take (weights + KV cache). When the "
+        "transformers backend may load too (KAITO_BACKEND, KAITO_HF_FALLBACK), leave room "
+        "for a second copy of the weights plus its activations (docs/BEAM.md).",
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
     enforce_eager: bool = Field(
         default=False,
         description="Skip torch.compile / CUDA graphs: starts faster, runs slower (tests use it).",
     )
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        default="auto",
+        description="Engine that serves requests. auto: vLLM when vLLM supports the model's "
+        "architecture (config.json), transformers alone when it does not; vllm: vLLM "
+        "without the architecture check; hf: transformers for everything.",
+    )
+    hf_fallback: bool = Field(
+        default=True,
+        description="Load the transformers backend on first use for what vLLM cannot serve "
+        "(group beam search, beam sampling, beam search with other processors). Off: those "
+        "requests get a 400. It holds a second copy of the weights (docs/BEAM.md).",
+    )
+    hf_preload: bool = Field(
+        default=False,
+        description="Load the transformers backend at start-up instead of on first use.",
+    )
+    beam_backend: Literal["vllm", "hf"] = Field(
+        default="vllm",
+        description="Where plain beam search (num_beams > 1, greedy, one group) runs when "
+        "vLLM serves: vllm (a step loop in the engine, batched with other requests) or hf.",
+    )
+    max_num_beams: int = Field(
+        default=8, ge=1, le=64, description="Largest num_beams a request may ask for."
+    )
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=5000, ge=1, le=65535, description="Port to listen on (Kaito's 5000).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server and the engine."
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: one JSON object per line with the request id (for log pipelines); "
+        "text: plain lines. Prompts and the API key are never logged.",
+    )
+
+    # Admission, time limits and shutdown (production hardening).
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Generation requests admitted at once (running + waiting in the engine). "
+        "Past it, /chat answers 429 with Retry-After at once.",
+    )
+    request_timeout_seconds: float = Field(
+        default=600,
+        ge=0,
+        description="A generation running longer is aborted in the engine and answered 504; 0 disables.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=30,
+        ge=0,
+        description="On SIGTERM: stop admitting (503), let in-flight requests finish for up to "
+        "this long, then stop the engine and exit 0. Keep it below the pod's "
+        "terminationGracePeriodSeconds.",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    max_num_return_sequences: int = Field(
+        default=16, ge=1, description="Cap on generate_kwargs.num_return_sequences (400 above it)."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, generation routes need `Authorization: Bearer <key>`; "
+        "/, /health, /livez and /metrics stay open.",
     )
 
     @field_validator("dtype")

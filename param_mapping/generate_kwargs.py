@@ -327,7 +327,9 @@ def to_generation_plan(
         n=n,
         # do_sample=False is greedy whatever temperature/top_k/top_p say.
         temperature=temperature if do_sample else 0.0,
-        top_k=top_k if do_sample else 0,  # transformers: top_k=0 disables the warper
+        # transformers: top_k=0 disables the warper; a k above the vocabulary keeps it all
+        # (TopKLogitsWarper takes min(top_k, vocab)), and vLLM must never see such a k.
+        top_k=min(top_k, special.vocab_size) if do_sample else 0,
         top_p=top_p if do_sample else 1.0,
         repetition_penalty=repetition_penalty,
         max_tokens=max_new,

