@@ -75,12 +75,6 @@ def _name(key: str) -> str:
     return f"generate_kwargs.{key}"
 
 
-def _not_supported_yet(key: str, value: Any) -> ParameterError:
-    return ParameterError(
-        _name(key), f"{key}={value!r} is not supported yet on this server; leave it at its neutral value."
-    )
-
-
 def _int(kw: Mapping[str, Any], key: str, minimum: int | None = None) -> int:
     value = kw[key]
     if isinstance(value, bool) or not isinstance(value, int):
@@ -140,10 +134,18 @@ def _check_beam_params(kw: Mapping[str, Any], max_num_beams: int) -> BeamSpec | 
     return beam_spec(kw, max_num_beams=max_num_beams)
 
 
-def _bad_word_bias(kw: Mapping[str, Any], special: SpecialTokens) -> dict[int, float] | None:
+def _bad_words(
+    kw: Mapping[str, Any], special: SpecialTokens, eos_token_ids: list[int]
+) -> tuple[dict[int, float] | None, list[list[int]]]:
+    """(logit bias for one-token words, multi-token words) from ``bad_words_ids``.
+
+    transformers' NoBadWordsLogitsProcessor first drops every one-token word that is an
+    eos id, then adds -inf to a one-token word's logit always, and to a longer word's
+    last token when the tokens before it end the sequence so far (prompt included).
+    """
     bad_words_ids = kw["bad_words_ids"]
     if bad_words_ids is None:
-        return None
+        return None, []
     name = _name("bad_words_ids")
     if not isinstance(bad_words_ids, list) or not bad_words_ids:
         raise ParameterError(name, f"bad_words_ids must be a non-empty list of lists of token ids, got {bad_words_ids!r}.")
@@ -155,15 +157,61 @@ def _bad_word_bias(kw: Mapping[str, Any], special: SpecialTokens) -> dict[int, f
             f"(e.g. [[12], [34, 56]]), got {bad_words_ids!r}.",
         )
     bias: dict[int, float] = {}
+    sequences: list[list[int]] = []
     for word in bad_words_ids:
         if not word:
             raise ParameterError(name, f"bad_words_ids entries must not be empty, got {bad_words_ids!r}.")
         ids = [_token_id("bad_words_ids", token, special) for token in word]
         if len(ids) > 1:
-            raise _not_supported_yet("bad_words_ids (multi-token entries)", word)
-        # transformers' NoBadWordsLogitsProcessor sets a one-token word's logit to -inf.
-        bias[ids[0]] = -math.inf
-    return bias
+            if ids not in sequences:
+                sequences.append(ids)
+        elif ids[0] not in eos_token_ids:
+            bias[ids[0]] = -math.inf
+    if not bias and not sequences:
+        # transformers raises here ("`sequence_bias` has to be a non-empty dictionary").
+        raise ParameterError(
+            name,
+            f"bad_words_ids only lists eos ids ({bad_words_ids!r}), which transformers ignores "
+            "in bad_words_ids, leaving nothing to ban; use min_new_tokens to keep eos away.",
+        )
+    return bias or None, sequences
+
+
+def _processor_rules(
+    kw: Mapping[str, Any],
+    special: SpecialTokens,
+    *,
+    do_sample: bool,
+    typical_p: float,
+    max_model_len: int,
+) -> dict[str, Any]:
+    """The transformers rules that vLLM has no parameter for, in transformers' names.
+
+    They travel in ``SamplingSpec.extra_args``; the vLLM backend runs them in its logits
+    processor (app/engines/processors). Only non-neutral values are kept, as
+    transformers builds a processor only for those.
+    """
+    rules: dict[str, Any] = {}
+    # Warpers only exist when sampling (transformers builds none for greedy search);
+    # typical_p == 1 builds no TypicalLogitsWarper.
+    if do_sample and typical_p < 1.0:
+        rules["typical_p"] = typical_p
+    for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+        size = _int(kw, key, 0)
+        if size > max_model_len:
+            raise ParameterError(
+                _name(key),
+                f"{key} must be <= the model's context length {max_model_len} "
+                f"(a longer n-gram can never repeat), got {size}.",
+            )
+        if size > 0:
+            rules[key] = size
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        if kw[key] is not None:
+            rules[key] = _token_id(key, kw[key], special)
+    if kw["remove_invalid_values"] is not None and _bool(kw, "remove_invalid_values"):
+        rules["remove_invalid_values"] = True
+    return rules
 
 
 def _stop_token_ids(kw: Mapping[str, Any], special: SpecialTokens) -> list[int]:
@@ -300,20 +348,16 @@ def to_generation_plan(
             _name("num_return_sequences"),
             f"num_return_sequences must be 1 with greedy decoding (do_sample=false), got {n}.",
         )
-    # Warpers only exist when sampling (transformers builds none for greedy search).
-    if do_sample and typical_p != 1.0:
-        raise _not_supported_yet("typical_p", typical_p)
-
-    for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
-        if _int(kw, key, 0) > 0:
-            raise _not_supported_yet(key, kw[key])
-    for key in ("forced_bos_token_id", "forced_eos_token_id"):
-        if kw[key] is not None:
-            _token_id(key, kw[key], special)
-            raise _not_supported_yet(key, kw[key])
-    if kw["remove_invalid_values"] not in (None, False):
-        _bool(kw, "remove_invalid_values")
-        raise _not_supported_yet("remove_invalid_values", kw["remove_invalid_values"])
+    rules = _processor_rules(
+        kw, special, do_sample=do_sample, typical_p=typical_p, max_model_len=max_model_len
+    )
+    stop_token_ids = _stop_token_ids(kw, special)
+    logit_bias, bad_sequences = _bad_words(kw, special, stop_token_ids)
+    if bad_sequences:
+        rules["bad_words_ids"] = bad_sequences
+    # transformers returns scores only with both set; a JSON reply has room for them
+    # either way, so either one asks (docs/SCORES.md).
+    scores = kw["output_scores"] or kw["return_dict_in_generate"]
 
     max_new, min_new, keep = _lengths(
         kw,
@@ -334,9 +378,11 @@ def to_generation_plan(
         repetition_penalty=repetition_penalty,
         max_tokens=max_new,
         min_tokens=min_new,
-        stop_token_ids=_stop_token_ids(kw, special),
+        stop_token_ids=stop_token_ids,
         stop=_stop_strings(kw),
-        logit_bias=_bad_word_bias(kw, special),
+        logit_bias=logit_bias,
+        extra_args=rules,
+        logprobs=0 if scores else None,
     )
     backend, backend_reason = beam_route(beam, sampling)
     return GenerationPlan(

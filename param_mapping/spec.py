@@ -39,8 +39,15 @@ class SamplingSpec:
     # NoBadWordsLogitsProcessor does for one-token entries.
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
-    # Per-request values for our own logits processors.
+    # transformers rules that vLLM has no parameter for, in transformers' names and
+    # only when not neutral: typical_p, no_repeat_ngram_size,
+    # encoder_no_repeat_ngram_size, bad_words_ids (the multi-token words),
+    # forced_bos_token_id, forced_eos_token_id, remove_invalid_values. The vLLM backend
+    # runs them in its logits processor (app/engines/processors).
     extra_args: dict[str, Any] = field(default_factory=dict)
+    # 0: return each generated token's log-probability under the processed distribution
+    # (transformers' output_scores, normalized); None: no scores.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
