@@ -71,10 +71,35 @@ class Usage(BaseModel):
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
 
 
+class TokenScore(BaseModel):
+    id: int = Field(description="The generated token's id.")
+    text: str = Field(
+        description="Its text (special tokens written out). A token that ends inside a "
+        'multi-byte character has "" and the next one carries the character, so the texts '
+        "join into the decoded output."
+    )
+    logprob: float | None = Field(
+        description="Its log-probability under the processed distribution it was chosen "
+        "from (after penalties, bans and warpers): transformers' compute_transition_scores "
+        "with normalize_logits=True. null if not finite."
+    )
+
+
 class Sequence(BaseModel):
     text: str = Field(description="This sequence's generated_text, as the pipeline returns it.")
     finish_reason: str | None = Field(description='"stop" (eos / stop string), "length" (max reached) or null.')
     generated_tokens: int = Field(description="Tokens generated for this sequence.")
+    tokens: list[TokenScore] | None = Field(
+        None,
+        description="Only with generate_kwargs.output_scores or return_dict_in_generate: "
+        "one entry per generated token, in order (docs/SCORES.md).",
+    )
+    sequence_score: float | None = Field(
+        None,
+        description="Only with scores: the sum of the tokens' log-probabilities, i.e. the "
+        "sequence's log-probability under the processed distributions; null if any "
+        "token's is null.",
+    )
 
 
 class ChatResponse(BaseModel):

@@ -1,17 +1,63 @@
 """The /chat logic between HTTP and the engine: tokenize, map, generate, decode."""
 
+import math
 import uuid
+from typing import Any
 
-from app.engines.base import Engine, GenerationRequest
+from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
 from app.metrics import BACKEND_REQUESTS
 from app.pipeline_text import PipelineDecoder
-from app.schemas import ChatRequest, ChatResponse, Sequence, Usage
+from app.schemas import ChatRequest, ChatResponse, Sequence, TokenScore, Usage
 from param_mapping import to_generation_plan
 from param_mapping.limits import Limits, check_limits
 
 # Kaito's exact message.
 PROMPT_REQUIRED = "Text generation parameter prompt required"
+
+
+def token_texts(tokenizer: Tokenizer, context_ids: list[int], token_ids: list[int]) -> list[str]:
+    """Each token's text, decoded the incremental way vLLM and TGI do.
+
+    Decoding one token alone loses word boundaries (SentencePiece) and splits multi-byte
+    characters, so each token is decoded after a few tokens of context and its text is
+    what it adds; a token that ends inside a character adds "" and the token that
+    completes it carries the whole character. Special tokens are written out.
+    """
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    seq = list(context_ids[-6:])
+    prefix_offset, read_offset = 0, len(seq)
+    texts = []
+    for token in token_ids:
+        seq.append(token)
+        prefix_text = decode(seq[prefix_offset:read_offset])
+        new_text = decode(seq[prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            texts.append(new_text[len(prefix_text) :])
+            prefix_offset, read_offset = read_offset, len(seq)
+        else:
+            texts.append("")
+    return texts
+
+
+def _scores(tokenizer: Tokenizer, prompt_ids: list[int], seq: GeneratedSequence) -> dict[str, Any]:
+    """The score fields of one sequence (output_scores / return_dict_in_generate)."""
+    logprobs: list[float | None] = [
+        lp if lp is not None and math.isfinite(lp) else None for lp in (seq.logprobs or [])
+    ]
+    logprobs += [None] * (len(seq.token_ids) - len(logprobs))
+    texts = token_texts(tokenizer, prompt_ids, seq.token_ids)
+    total = None if None in logprobs else sum(lp for lp in logprobs if lp is not None)
+    return {
+        "tokens": [
+            TokenScore(id=token, text=text, logprob=lp)
+            for token, text, lp in zip(seq.token_ids, texts, logprobs, strict=True)
+        ],
+        "sequence_score": total,
+    }
 
 
 def new_request_id() -> str:
@@ -62,11 +108,13 @@ class ChatService:
             tokenizer, prompt_ids, clean_up=bool(request.clean_up_tokenization_spaces)
         )
         full = request.return_full_text is not False  # null means the pipeline default (true)
+        want_scores = plan.sampling.logprobs is not None
         sequences = [
             Sequence(
                 text=decoder.generated_text(request.prompt, seq.token_ids, full),
                 finish_reason=seq.finish_reason,
                 generated_tokens=len(seq.token_ids),
+                **(_scores(tokenizer, prompt_ids, seq) if want_scores else {}),
             )
             for seq in result.sequences
         ]

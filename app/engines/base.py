@@ -21,6 +21,9 @@ class GenerationRequest:
 class GeneratedSequence:
     token_ids: list[int]
     finish_reason: str | None
+    # Each token's log-probability under the processed distribution, when the request
+    # asked for scores (SamplingSpec.logprobs); None otherwise.
+    logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from app.engines.base import (
     GenerationResult,
     Tokenizer,
 )
+from app.engines.processors import PROCESSOR_FQCN
+from app.engines.processors.routing import processor_rules
 from app.settings import Settings
 from param_mapping import SamplingSpec, SpecialTokens
 
@@ -50,18 +52,28 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
 
 
 def to_sampling_params(spec: SamplingSpec) -> "SamplingParams":
-    """Our engine-neutral spec -> vLLM SamplingParams (same field names)."""
+    """Our engine-neutral spec -> vLLM SamplingParams (same field names).
+
+    The transformers rules vLLM lacks go to our logits processor through extra_args;
+    where that processor takes over a step vLLM would also do (penalty, min length,
+    warpers), vLLM's is neutralised (app/engines/processors/routing.py).
+    """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    overrides, extra_args = processor_rules(spec)
+    fields: dict[str, Any] = {
+        "n": spec.n,
+        "temperature": spec.temperature,
+        "top_k": spec.top_k,
+        "top_p": spec.top_p,
+        "repetition_penalty": spec.repetition_penalty,
+        "max_tokens": spec.max_tokens,
+        "min_tokens": spec.min_tokens,
+        **overrides,
+    }
     return SamplingParams(
-        n=spec.n,
-        temperature=spec.temperature,
-        top_k=spec.top_k,
-        top_p=spec.top_p,
-        repetition_penalty=spec.repetition_penalty,
-        max_tokens=spec.max_tokens,
-        min_tokens=spec.min_tokens,
+        **fields,
         stop_token_ids=list(spec.stop_token_ids),
         ignore_eos=spec.ignore_eos,
         stop=spec.stop,
@@ -69,12 +81,27 @@ def to_sampling_params(spec: SamplingSpec) -> "SamplingParams":
         include_stop_str_in_output=True,
         logit_bias=spec.logit_bias,
         seed=spec.seed,
-        extra_args=dict(spec.extra_args) or None,
+        extra_args=extra_args or None,
+        # With logprobs_mode="processed_logprobs" (engine_args), the chosen token's
+        # log-probability after every processor, penalty and warper.
+        logprobs=spec.logprobs,
         # We decode the final token ids once, the pipeline's way; vLLM need not
         # detokenize every step unless stop strings need the text.
         detokenize=bool(spec.stop),
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
+
+
+def _chosen_logprobs(completion: Any) -> list[float] | None:
+    """The sampled tokens' log-probabilities from a vLLM CompletionOutput, or None."""
+    steps = completion.logprobs
+    if steps is None:
+        return None
+    out = []
+    for token_id, step in zip(completion.token_ids, steps, strict=False):
+        entry = step.get(token_id) if step else None
+        out.append(float("nan") if entry is None else float(entry.logprob))
+    return out
 
 
 class VLLMEngine:
@@ -114,6 +141,13 @@ class VLLMEngine:
             "enforce_eager": s.enforce_eager,
             # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
             "disable_log_stats": False,
+            # transformers rules vLLM lacks (typical_p, n-gram bans, ...): one processor,
+            # idle for requests that do not use it (app/engines/processors).
+            "logits_processors": [PROCESSOR_FQCN],
+            # Scores (output_scores) are log-probs after processing. For a row nothing
+            # processes, these equal raw log-probs (the beam step loop relies on that);
+            # the cost is one log_softmax per sampling step (docs/SCORES.md).
+            "logprobs_mode": "processed_logprobs",
         }
 
     async def start(self) -> None:
@@ -170,7 +204,11 @@ class VLLMEngine:
         assert final is not None
         return GenerationResult(
             sequences=[
-                GeneratedSequence(token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+                GeneratedSequence(
+                    token_ids=list(c.token_ids),
+                    finish_reason=c.finish_reason,
+                    logprobs=_chosen_logprobs(c),
+                )
                 for c in sorted(final.outputs, key=lambda c: c.index)
             ]
         )
