@@ -20,7 +20,7 @@ from app.engines.base import (
 from app.engines.processors import PROCESSOR_FQCN
 from app.engines.processors.routing import processor_rules
 from app.settings import Settings
-from param_mapping import SamplingSpec, SpecialTokens
+from param_mapping import ParameterError, SamplingSpec, SpecialTokens
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -187,6 +187,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         from vllm.inputs import TokensPrompt
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
         if self._llm is None or self._llm.errored:
@@ -201,6 +202,10 @@ class VLLMEngine:
                 final = output
         except VLLMEngineDead as exc:
             raise EngineDeadError("the vLLM engine died") from exc
+        except VLLMValidationError as exc:
+            # The mapping refuses what vLLM would; should a rule slip through, the client
+            # still gets a 400 naming the parameter, never a 500.
+            raise ParameterError(f"generate_kwargs.{exc.parameter or 'unknown'}", str(exc)) from exc
         assert final is not None
         return GenerationResult(
             sequences=[
