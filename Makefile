@@ -40,3 +40,13 @@ lint: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (bench/): our /chat against a Kaito-style transformers server, vLLM's own
+# OpenAI server and the raw engine, on this machine, in one run. bench-quick takes under
+# 5 minutes (eager engine, two systems); bench 30-45 (compiled, all four, repeated).
+# Extra harness flags: make bench BENCH_ARGS="--levels 1,32 --repeat 1".
+bench: install-test model
+	$(PY) -m bench --profile full $(BENCH_ARGS)
+
+bench-quick: install-test model
+	$(PY) -m bench --profile quick $(BENCH_ARGS)
