@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark harness against the session's live server (no timings
+are asserted: the machine is shared and noisy). A handful of tiny requests, then the
+markdown table, the JSON file and the plot must all be there."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_harness_measures_our_server(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bench", "--systems", "ours", "--ours-url", server_url]
+    argv += ["--levels", "1,2", "--requests", "3", "--max-new-tokens", "4", "--repeat", "1"]
+    argv += ["--no-warmup", "--open-rate", "0", "--out", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The markdown table on stdout, one row per level.
+    assert "| system | concurrency |" in done.stdout
+    assert "| ours | 1 | 3 / 3 |" in done.stdout
+    assert "| ours | 2 | 3 / 3 |" in done.stdout
+
+    result = json.loads((out / "result.json").read_text())
+    closed = [a for a in result["aggregates"] if a["mode"] == "closed"]
+    assert sorted(a["concurrency"] for a in closed) == [1, 2]
+    for agg in closed:
+        assert agg["errors"] == 0 and agg["requests_ok"] == 3
+        assert agg["output_tokens_per_s"] > 0
+        assert agg["latency_p50_s"] is not None
+    # At concurrency 1 the engine's own time is read around each request.
+    assert result["overhead"]["ours_in_server_ms"]["n"] == 3
+    assert (out / "report.md").read_text().startswith("## Benchmark")
+    assert (out / "plot.png").stat().st_size > 0
