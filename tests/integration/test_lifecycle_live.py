@@ -1,0 +1,119 @@
+"""Servers of their own (they are overloaded, drained or killed): admission under a burst,
+SIGTERM while requests run, and the death of the engine process."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+ADMIT = 3
+
+
+def post_many(url: str, n: int, new_tokens: int) -> list[httpx.Response | Exception]:
+    payload = {"prompt": "Count slowly:", "generate_kwargs": {
+        "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
+
+    async def run() -> list[httpx.Response | Exception]:
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(
+                *(client.post(url + "/chat", json=payload) for _ in range(n)), return_exceptions=True
+            )
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir, tmp_path_factory):
+    server = ServerProcess(
+        ["--enforce-eager", "--model", str(model_dir), "--max-model-len", "512",
+         "--max-concurrent-requests", str(ADMIT), "--shutdown-grace-seconds", "120"],
+        tmp_path_factory.mktemp("small") / "server.log",
+    )
+    try:
+        server.wait_healthy()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+def test_burst_past_the_admission_limit(small_server):
+    replies = post_many(small_server.url, 10 * ADMIT, new_tokens=12)
+    statuses = [r.status_code for r in replies if isinstance(r, httpx.Response)]
+    assert len(statuses) == 10 * ADMIT, [r for r in replies if not isinstance(r, httpx.Response)]
+    assert statuses.count(429) > 0
+    assert statuses.count(200) >= ADMIT
+    assert set(statuses) <= {200, 429}
+    for r in replies:
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 12  # a full result
+        else:
+            assert r.headers["retry-after"] == "1"
+    assert httpx.get(small_server.url + "/health").status_code == 200
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
+    async def scenario() -> tuple[list[httpx.Response], int, int]:
+        payload = {"prompt": "Tell a story:", "generate_kwargs": {"max_new_tokens": 64, "min_new_tokens": 64}}
+        async with httpx.AsyncClient(timeout=300) as client:
+            tasks = [asyncio.create_task(client.post(small_server.url + "/chat", json=payload))
+                     for _ in range(ADMIT)]
+            await asyncio.sleep(3)  # admitted and generating
+            small_server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            health = (await client.get(small_server.url + "/health")).status_code
+            late = (await client.post(small_server.url + "/chat", json=payload)).status_code
+            return list(await asyncio.gather(*tasks)), health, late
+
+    replies, health, late = asyncio.run(scenario())
+    assert health == 503 and late == 503  # draining: not ready, admits nothing new
+    assert [r.status_code for r in replies] == [200] * ADMIT
+    assert all(r.json()["usage"]["completion_tokens"] == 64 for r in replies)
+    assert small_server.proc.wait(timeout=60) == 0
+
+
+def test_engine_death_turns_health_503_and_exits_non_zero(model_dir, tmp_path):
+    server = ServerProcess(["--enforce-eager", "--model", str(model_dir), "--max-model-len", "512"],
+                           tmp_path / "server.log")
+    try:
+        server.wait_healthy()
+        engines = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engines, "no engine core process found"
+
+        async def in_flight_then_kill() -> tuple[httpx.Response | Exception, float]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                pending = asyncio.create_task(client.post(server.url + "/chat", json={
+                    "prompt": "Go on:", "generate_kwargs": {"max_new_tokens": 300, "min_new_tokens": 300}}))
+                await asyncio.sleep(2)
+                for p in engines:
+                    p.kill()
+                killed = time.monotonic()
+                while time.monotonic() - killed < 10:
+                    try:
+                        if (await client.get(server.url + "/health")).status_code == 503:
+                            break
+                    except httpx.HTTPError:
+                        break  # already gone: not healthy either
+                    await asyncio.sleep(0.1)
+                unhealthy_after = time.monotonic() - killed
+                reply = (await asyncio.gather(pending, return_exceptions=True))[0]
+                return reply, unhealthy_after
+
+        reply, unhealthy_after = asyncio.run(in_flight_then_kill())
+        assert unhealthy_after < 5
+        # The in-flight request gets a 503 rather than hanging (or the connection closes
+        # as the process exits: either way it does not wait out its generation).
+        if isinstance(reply, httpx.Response):
+            assert reply.status_code == 503, reply.text
+        assert server.proc.wait(timeout=60) != 0
+    finally:
+        server.stop()
