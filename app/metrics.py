@@ -6,7 +6,7 @@ AsyncLLM runs embedded with stats on, so one ``/metrics`` serves both.
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter(
@@ -21,6 +21,11 @@ REQUEST_LATENCY = Histogram(
 BACKEND_REQUESTS = Counter(
     "kaito_backend_requests", "Generation requests by the path that served them.", ["backend"]
 )
+# The transformers backend serves one request at a time, first come first served.
+HF_QUEUE_DEPTH = Gauge(
+    "kaito_hf_queue_depth", "Requests waiting for the transformers backend (not yet running)."
+)
+HF_RUNNING = Gauge("kaito_hf_running", "Requests the transformers backend is generating now (0 or 1).")
 
 
 class MetricsMiddleware:

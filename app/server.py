@@ -25,9 +25,10 @@ WATCHDOG_INTERVAL_S = 0.5
 
 
 def build_engine(settings: Settings) -> Engine:
-    from app.engines.vllm_engine import VLLMEngine
+    # vLLM, transformers, or both, per KAITO_BACKEND and each request's plan.
+    from app.engines.dispatch import DispatchEngine
 
-    return VLLMEngine(settings)
+    return DispatchEngine(settings)
 
 
 def create_app(
@@ -81,6 +82,7 @@ def create_app(
     app.state.chat_service = ChatService(
         engine,
         Limits(max_num_return_sequences=settings.max_num_return_sequences),
+        max_num_beams=settings.max_num_beams,
     )
     register_error_handlers(app)
     app.include_router(router)

@@ -10,6 +10,7 @@ from app.metrics import BACKEND_REQUESTS
 from app.pipeline_text import PipelineDecoder
 from app.schemas import ChatRequest, ChatResponse, Sequence, TokenScore, Usage
 from param_mapping import to_generation_plan
+from param_mapping.beam import DEFAULT_MAX_NUM_BEAMS
 from param_mapping.limits import Limits, check_limits
 
 # Kaito's exact message.
@@ -65,9 +66,15 @@ def new_request_id() -> str:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits | None = None,
+        max_num_beams: int = DEFAULT_MAX_NUM_BEAMS,
+    ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
+        self.max_num_beams = max_num_beams
 
     def _check_ready(self) -> None:
         if not self.engine.is_ready():
@@ -95,14 +102,25 @@ class ChatService:
             special=engine.special_tokens,
             max_model_len=engine.max_model_len,
             handle_long_generation=request.handle_long_generation,
+            max_num_beams=self.max_num_beams,
         )
         if plan.keep_last_prompt_tokens is not None:
             prompt_ids = prompt_ids[-plan.keep_last_prompt_tokens :]
 
         result = await engine.generate(
-            GenerationRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=plan.sampling)
+            GenerationRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                sampling=plan.sampling,
+                backend=plan.backend,
+                backend_reason=plan.backend_reason,
+                beam=plan.beam,
+                transformers_kwargs=plan.transformers_kwargs,
+            )
         )
-        BACKEND_REQUESTS.labels(engine.name).inc()
+        # The dispatcher says which path served it (vLLM or transformers).
+        served_by = result.backend or engine.name
+        BACKEND_REQUESTS.labels(served_by).inc()
 
         decoder = PipelineDecoder(
             tokenizer, prompt_ids, clean_up=bool(request.clean_up_tokenization_spaces)
@@ -127,5 +145,5 @@ class ChatService:
                 completion_tokens=completion_tokens,
                 total_tokens=len(prompt_ids) + completion_tokens,
             ),
-            backend=engine.name,
+            backend=served_by,
         )

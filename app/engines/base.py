@@ -4,10 +4,11 @@ Like vLLM's ``EngineClient``: the HTTP layer only sees ``generate``, ``abort`` a
 health checks, so tests can plug in a fake and backends can be swapped.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from param_mapping import SamplingSpec, SpecialTokens
+from param_mapping import BeamSpec, SamplingSpec, SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,14 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
+    # Where the plan says it must run ("vllm": the primary engine; "hf": transformers),
+    # and the parameter that made it so. The dispatcher (engines/dispatch.py) reads them.
+    backend: str = "vllm"
+    backend_reason: str | None = None
+    # Beam search parameters (None without beams) and the request in transformers' own
+    # terms, for the transformers backend and the beam step loop (issue 4).
+    beam: BeamSpec | None = None
+    transformers_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,9 @@ class GeneratedSequence:
 @dataclass(frozen=True)
 class GenerationResult:
     sequences: list[GeneratedSequence] = field(default_factory=list)
+    # The path that served it ("vllm" or "hf") when an engine routes between several;
+    # None means the engine's own ``name``.
+    backend: str | None = None
 
 
 class EngineDeadError(RuntimeError):

@@ -1,0 +1,261 @@
+"""Diverse (group) beam search with transformers 4.x semantics, on a transformers model.
+
+transformers 5 moved group beam search out of core (``num_beam_groups > 1`` now needs
+the hub repository transformers-community/group-beam-search, which this server cannot
+reach), so this reproduces ``GenerationMixin._group_beam_search`` of transformers 4.55
+with its ``BeamSearchScorer`` / ``BeamHypotheses``:
+
+- ``num_beams`` beams split into ``num_beam_groups`` groups of ``group_size``; the first
+  beam of each group starts at score 0, the others at -1e9;
+- at each step the groups run in turn: log_softmax, then the Hamming diversity penalty
+  (``diversity_penalty`` times how often earlier groups chose each token at this step),
+  then the other logits processors, plus the beam scores; the group keeps its top
+  ``max(2, 1 + n_eos) * group_size`` candidates;
+- an eos candidate among the group's first ``group_size`` becomes a hypothesis scored
+  ``sum_logprobs / generated_len ** length_penalty`` (each group keeps ``group_size``);
+  the best ``group_size`` other candidates continue;
+- a group is done once it holds ``group_size`` hypotheses and ``early_stopping`` says so
+  (True: at once; False: the best candidate cannot beat the worst hypothesis at the
+  current length; "never": nor at ``max_length`` when ``length_penalty > 0``); a done
+  group feeds pad tokens, which still count for the diversity penalty;
+- at the end, undone groups' running beams become hypotheses; the best
+  ``num_return_sequences`` of all groups are returned, an eos-finished one followed by
+  the first eos id, as 4.x ``finalize`` writes it.
+
+Only imported by the transformers backend, which has torch loaded already.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.engines.base import GeneratedSequence
+
+
+class _Hypotheses:
+    """transformers 4.x ``BeamHypotheses`` for one group."""
+
+    def __init__(
+        self, size: int, length_penalty: float, early_stopping: bool | str, max_length: int
+    ) -> None:
+        self.size = size
+        self.length_penalty = length_penalty
+        self.early_stopping = early_stopping
+        self.max_length = max_length
+        self.beams: list[tuple[float, list[int], bool]] = []  # (score, tokens, ended by eos)
+        self.worst_score = 1e9
+
+    def add(self, tokens: list[int], sum_logprobs: float, generated_len: int, eos: bool) -> None:
+        score = sum_logprobs / (generated_len**self.length_penalty)
+        if len(self.beams) < self.size or score > self.worst_score:
+            self.beams.append((score, tokens, eos))
+            if len(self.beams) > self.size:
+                ranked = sorted((s, i) for i, (s, _, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, cur_len: int, prompt_len: int) -> bool:
+        if len(self.beams) < self.size:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best = best_sum_logprobs / (self.max_length - prompt_len) ** self.length_penalty
+        else:
+            best = best_sum_logprobs / (cur_len - prompt_len) ** self.length_penalty
+        return self.worst_score >= best
+
+
+def logits_processors(model: Any, kwargs: Mapping[str, Any], prompt: torch.Tensor) -> Any:
+    """The non-diversity processors transformers 4.x builds for group beam search, in its
+    order (repetition, n-gram bans, bad words, min length, forced bos/eos, inf/nan)."""
+    from transformers.generation.logits_process import (
+        EncoderNoRepeatNGramLogitsProcessor,
+        ForcedBOSTokenLogitsProcessor,
+        ForcedEOSTokenLogitsProcessor,
+        InfNanRemoveLogitsProcessor,
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    eos = list(kwargs.get("eos_token_id") or [])
+    prompt_len = prompt.shape[-1]
+    max_length = prompt_len + int(kwargs["max_new_tokens"])
+    out = LogitsProcessorList()
+    if kwargs.get("repetition_penalty", 1.0) != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(penalty=float(kwargs["repetition_penalty"])))
+    if kwargs.get("no_repeat_ngram_size", 0) > 0:
+        out.append(NoRepeatNGramLogitsProcessor(int(kwargs["no_repeat_ngram_size"])))
+    if kwargs.get("encoder_no_repeat_ngram_size", 0) > 0:
+        out.append(
+            EncoderNoRepeatNGramLogitsProcessor(int(kwargs["encoder_no_repeat_ngram_size"]), prompt)
+        )
+    if kwargs.get("bad_words_ids"):
+        out.append(NoBadWordsLogitsProcessor(kwargs["bad_words_ids"], eos or None))
+    if kwargs.get("min_new_tokens", 0) > 0 and eos:
+        out.append(
+            MinNewTokensLengthLogitsProcessor(prompt_len, int(kwargs["min_new_tokens"]), eos)
+        )
+    if kwargs.get("forced_bos_token_id") is not None:
+        out.append(ForcedBOSTokenLogitsProcessor(int(kwargs["forced_bos_token_id"])))
+    if kwargs.get("forced_eos_token_id") is not None:
+        out.append(ForcedEOSTokenLogitsProcessor(max_length, int(kwargs["forced_eos_token_id"])))
+    if kwargs.get("remove_invalid_values") is True:
+        out.append(InfNanRemoveLogitsProcessor())
+    return out
+
+
+@torch.inference_mode()
+def group_beam_search(
+    model: Any,
+    prompt_ids: list[int],
+    kwargs: Mapping[str, Any],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[GeneratedSequence]:
+    """Runs group beam search for one prompt; ``kwargs`` are transformers generate kwargs.
+
+    ``should_stop`` is polled once per step (a cancelled request stops early and its
+    result is thrown away).
+    """
+    from transformers import DynamicCache
+
+    num_beams = int(kwargs["num_beams"])
+    num_groups = int(kwargs["num_beam_groups"])
+    group_size = num_beams // num_groups
+    diversity_penalty = float(kwargs.get("diversity_penalty", 0.0))
+    length_penalty = float(kwargs.get("length_penalty", 1.0))
+    early_stopping = kwargs.get("early_stopping", False)
+    n_return = int(kwargs.get("num_return_sequences", 1))
+    eos_ids = list(kwargs.get("eos_token_id") or [])
+    eos = frozenset(eos_ids)
+    pad = kwargs.get("pad_token_id")
+    pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
+    device = next(model.parameters()).device
+
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    prompt_len = prompt.shape[-1]
+    max_length = prompt_len + int(kwargs["max_new_tokens"])
+    processors = logits_processors(model, kwargs, prompt)
+
+    hyps = [
+        _Hypotheses(group_size, length_penalty, early_stopping, max_length)
+        for _ in range(num_groups)
+    ]
+    done = [False] * num_groups
+    input_ids = prompt.repeat(num_beams, 1)
+    beam_scores = torch.full((num_beams,), -1e9, dtype=torch.float, device=device)
+    beam_scores[::group_size] = 0
+    n_keep = max(2, 1 + len(eos)) * group_size
+
+    cache = DynamicCache()
+    step_input = input_ids
+    cur_len = prompt_len
+    while True:
+        if should_stop():
+            return []
+        attention_mask = torch.ones((num_beams, cur_len), dtype=torch.long, device=device)
+        outputs = model(
+            input_ids=step_input,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        cache = outputs.past_key_values
+        logits = outputs.logits[:, -1, :]
+        current_tokens = torch.zeros(num_beams, dtype=input_ids.dtype, device=device)
+        reordering = torch.zeros(num_beams, dtype=torch.long, device=device)
+        for g in range(num_groups):
+            start, end = g * group_size, (g + 1) * group_size
+            group_ids = input_ids[start:end]
+            if done[g]:
+                # 4.x: a done group continues with pad tokens, score 0, from its beam 0.
+                beam_scores[start:end] = 0
+                current_tokens[start:end] = pad_id
+                reordering[start:end] = start
+                input_ids[start:end] = group_ids[torch.zeros(group_size, dtype=torch.long)]
+                continue
+            scores = nn.functional.log_softmax(logits[start:end].to(torch.float32), dim=-1)
+            if diversity_penalty > 0.0 and start > 0:
+                # HammingDiversityLogitsProcessor: earlier groups' tokens at this step.
+                frequency = torch.bincount(current_tokens[:start], minlength=scores.shape[-1])
+                scores = scores - diversity_penalty * frequency.to(scores.device)
+            scores = processors(group_ids, scores)
+            vocab_size = scores.shape[-1]
+            next_scores = (scores + beam_scores[start:end].unsqueeze(-1)).view(
+                1, group_size * vocab_size
+            )
+            next_scores, next_tokens = torch.topk(
+                next_scores, n_keep, dim=1, largest=True, sorted=True
+            )
+            next_scores, next_tokens = next_scores[0], next_tokens[0]
+            next_indices = torch.div(next_tokens, vocab_size, rounding_mode="floor")
+            next_tokens = next_tokens % vocab_size
+
+            # BeamSearchScorer.process for this group.
+            new_scores = torch.zeros(group_size, dtype=next_scores.dtype, device=device)
+            new_tokens = torch.zeros(group_size, dtype=torch.long, device=device)
+            new_indices = torch.zeros(group_size, dtype=torch.long, device=device)
+            kept = 0
+            for rank in range(n_keep):
+                token = int(next_tokens[rank])
+                index = int(next_indices[rank])
+                if token in eos:
+                    if rank >= group_size:
+                        continue
+                    hyps[g].add(
+                        group_ids[index].tolist()[prompt_len:],
+                        float(next_scores[rank].item()),
+                        generated_len=cur_len + 1 - prompt_len,
+                        eos=True,
+                    )
+                else:
+                    new_scores[kept] = next_scores[rank]
+                    new_tokens[kept] = token
+                    new_indices[kept] = index
+                    kept += 1
+                if kept == group_size:
+                    break
+            done[g] = done[g] or hyps[g].is_done(
+                float(next_scores.max().item()), cur_len + 1, prompt_len
+            )
+
+            beam_scores[start:end] = new_scores
+            input_ids[start:end] = group_ids[new_indices]
+            current_tokens[start:end] = new_tokens
+            reordering[start:end] = start + new_indices
+
+        input_ids = torch.cat([input_ids, current_tokens.unsqueeze(-1)], dim=-1)
+        cache.reorder_cache(reordering)
+        step_input = current_tokens.unsqueeze(-1)
+        cur_len += 1
+        # The loop's stopping criteria: max_length, or every group done (a row ending in
+        # eos is a done group's pad when pad is eos).
+        if all(done) or cur_len >= max_length:
+            break
+
+    # BeamSearchScorer.finalize.
+    for g in range(num_groups):
+        if done[g]:
+            continue
+        for i in range(g * group_size, (g + 1) * group_size):
+            tokens = input_ids[i].tolist()[prompt_len:]
+            hyps[g].add(tokens, float(beam_scores[i].item()), generated_len=len(tokens), eos=False)
+    candidates = [beam for h in hyps for beam in h.beams]
+    ranked = sorted(candidates, key=lambda x: x[0])
+    results = []
+    for _ in range(n_return):
+        _, tokens, ended_by_eos = ranked.pop()
+        if ended_by_eos:
+            # 4.x writes eos_token_id[0] after a finished hypothesis, whichever eos ended it.
+            results.append(GeneratedSequence(token_ids=tokens + [eos_ids[0]], finish_reason="stop"))
+        else:
+            results.append(GeneratedSequence(token_ids=tokens, finish_reason="length"))
+    return results
