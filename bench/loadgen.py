@@ -110,7 +110,8 @@ class Progress:
         elapsed = (now or time.perf_counter()) - self.t0
         line = (
             f"  {self.label}: {self.done}/{self.total} done, {self.errors} errors, "
-            f"{elapsed:5.1f}s of <= {self.deadline_s:.0f}s, {self.tokens / max(elapsed, 1e-9):6.1f} tok/s"
+            f"{elapsed:5.1f}s of <= {self.deadline_s:.0f}s, "
+            f"{self.tokens / max(elapsed, 1e-9):6.1f} tok/s"
         )
         if self._tty:
             print("\r" + line.ljust(100), end=end, file=sys.stderr, flush=True)

@@ -182,7 +182,8 @@ def goals(
         value = ratio(other)
         checks.append(
             {
-                "goal": f"our /chat >= {target:g}x {text} at concurrency {GOAL_CONCURRENCY} (output tok/s)",
+                "goal": f"our /chat >= {target:g}x {text} "
+                f"at concurrency {GOAL_CONCURRENCY} (output tok/s)",
                 "value": value,
                 "met": None if value is None else value >= target,
                 "shown": "n/a (not measured)" if value is None else f"{value:.3f}x",
@@ -206,6 +207,32 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _cells(cells: list[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table_head(first: list[str]) -> list[str]:
+    columns = [*first, "ok / sent", "errors", "req/s", "output tok/s", "p50 s", "p95 s", "p99 s"]
+    return [_cells(columns), _cells(["---"] + ["---:"] * (len(columns) - 1))]
+
+
+def _row(first: list[object], agg: Aggregate) -> str:
+    row = agg.to_json()
+    cancelled = f" ({row['cancelled']} cut off)" if row["cancelled"] else ""
+    return _cells(
+        [
+            *first,
+            f"{row['requests_ok']} / {row['requests_sent']}{cancelled}",
+            row["errors"],
+            f"{row['requests_per_s']:.3f}",
+            f"{row['output_tokens_per_s']:.1f}",
+            _fmt(row["latency_p50_s"]),
+            _fmt(row["latency_p95_s"]),
+            _fmt(row["latency_p99_s"]),
+        ]
+    )
+
+
 def markdown(result: dict[str, Any], aggs: list[Aggregate]) -> str:
     meta = result["meta"]
     lines = [
@@ -216,36 +243,21 @@ def markdown(result: dict[str, Any], aggs: list[Aggregate]) -> str:
         "",
         "### Closed loop (fixed concurrency)",
         "",
-        "| system | concurrency | ok / sent | errors | req/s | output tok/s | p50 s | p95 s | p99 s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_table_head(["system", "concurrency"]),
     ]
     titles = meta["systems"]
     for agg in sorted(aggs, key=lambda a: (a.mode, list(titles).index(a.system), a.concurrency)):
-        if agg.mode != "closed":
-            continue
-        row = agg.to_json()
-        cancelled = f" ({row['cancelled']} cut off)" if row["cancelled"] else ""
-        lines.append(
-            f"| {agg.system} | {agg.concurrency} | {row['requests_ok']} / {row['requests_sent']}{cancelled} "
-            f"| {row['errors']} | {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} "
-            f"| {_fmt(row['latency_p50_s'])} | {_fmt(row['latency_p95_s'])} | {_fmt(row['latency_p99_s'])} |"
-        )
+        if agg.mode == "closed":
+            lines.append(_row([agg.system, agg.concurrency], agg))
     open_aggs = [a for a in aggs if a.mode == "open"]
     if open_aggs:
         lines += [
             "",
             "### Open loop (Poisson arrivals)",
             "",
-            "| system | offered req/s | ok / sent | errors | req/s | output tok/s | p50 s | p95 s | p99 s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *_table_head(["system", "offered req/s"]),
         ]
-        for agg in open_aggs:
-            row = agg.to_json()
-            lines.append(
-                f"| {agg.system} | {agg.rate:g} | {row['requests_ok']} / {row['requests_sent']} | {row['errors']} "
-                f"| {row['requests_per_s']:.3f} | {row['output_tokens_per_s']:.1f} "
-                f"| {_fmt(row['latency_p50_s'])} | {_fmt(row['latency_p95_s'])} | {_fmt(row['latency_p99_s'])} |"
-            )
+        lines += [_row([agg.system, f"{agg.rate:g}"], agg) for agg in open_aggs]
     if result["ratios"]:
         others = sorted({r["other"] for r in result["ratios"]}, key=list(titles).index)
         lines += [

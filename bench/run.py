@@ -71,7 +71,8 @@ PROFILES = {
         kaito_max_seconds=30,
         kaito_grace_seconds=120,
         notes=[
-            "quick profile: eager engine, 2 systems, 1 repetition; `make bench` runs all four, compiled"
+            "quick profile: eager engine, 2 systems, 1 repetition; "
+            "`make bench` runs all four, compiled"
         ],
     ),
     # 30-45 minutes: four systems, compiled engine, two repetitions in alternating order.
@@ -187,7 +188,8 @@ def machine_info() -> str:
         mem = f"{mem_kb / 2**20:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         mem = "?"
-    return f"{cpu}, {os.cpu_count()} cores, {mem} RAM, no GPU, {platform.system()} {platform.release()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem} RAM, no GPU, {system}"
 
 
 def versions() -> str:
@@ -234,8 +236,9 @@ def describe_workload(model: str, prompts: list[str], profile: Profile) -> str:
         spread = "lengths unknown"
     engine = "eager" if profile.enforce_eager else "compiled"
     return (
-        f"{len(prompts)} prompts from bench/prompts.jsonl ({spread}), each request generating exactly "
-        f"{profile.max_new_tokens} tokens greedily; model {Path(model).name}, float32, {engine} engine"
+        f"{len(prompts)} prompts from bench/prompts.jsonl ({spread}), each request "
+        f"generating exactly {profile.max_new_tokens} tokens greedily; "
+        f"model {Path(model).name}, float32, {engine} engine"
     )
 
 
@@ -363,7 +366,8 @@ class Run:
         extra = f", {s['cancelled']} cut off" if s["cancelled"] else ""
         error = f" (first error: {s['first_error']})" if s["errors"] else ""
         print(
-            f"  -> {level.system} {where}: {s['output_tokens_per_s']:.1f} tok/s, {s['requests_per_s']:.2f} req/s, "
+            f"  -> {level.system} {where}: {s['output_tokens_per_s']:.1f} tok/s, "
+            f"{s['requests_per_s']:.2f} req/s, "
             f"p50 {s['latency_p50_s'] or 0:.2f}s, {s['errors']} errors{extra}{error}, "
             f"load {level.loadavg_before:.1f}->{level.loadavg_after:.1f}",
             file=sys.stderr,
@@ -437,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     text = run.save()
     print(text)
     print(
-        f"bench: done in {(time.monotonic() - started) / 60:.1f} min; JSON, report and plot in {run.out}",
+        f"bench: done in {(time.monotonic() - started) / 60:.1f} min; "
+        f"JSON, report and plot in {run.out}",
         file=sys.stderr,
     )
     extras_hint(args.with_extras)

@@ -10,6 +10,7 @@ process group, on success, error or Ctrl-C alike.
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -40,19 +41,13 @@ _LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
 def _kill_group(proc: "subprocess.Popen[bytes]", timeout: float = 30) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # The group may outlive its leader (vLLM's engine-core process): always finish it.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     if proc.poll() is None:
         proc.wait()
     _LIVE.pop(proc.pid, None)
