@@ -61,14 +61,14 @@ class TransformersRulesProcessor(LogitsProcessor):
     ) -> RowState | None:
         try:
             rules = _rules_of(params)
-        except ValueError:
-            log.exception("invalid logits rules reached the engine; ignoring them")
+            if rules is None:
+                return None
+            # A preempted request comes back through here with its output list: the
+            # state is rebuilt from the prompt and the tokens generated so far.
+            return RowState(rules, prompt_ids, output_ids)
+        except Exception:
+            log.exception("logits rules could not be set up for a request; ignoring them")
             return None
-        if rules is None:
-            return None
-        # A preempted request comes back through here with its output list: the state is
-        # rebuilt from the prompt and the tokens generated so far.
-        return RowState(rules, prompt_ids, output_ids)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self.rows, batch_update, self._new_state)
