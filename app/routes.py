@@ -1,7 +1,7 @@
 """HTTP routes. Thin: read the engine from app.state, call the service, shape the reply."""
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +13,7 @@ from app.auth import require_api_key
 from app.errors import HTTPError
 from app.schemas import ChatRequest, ChatResponse, ErrorResponse
 from app.serving import ChatService, new_request_id
+from app.streaming import chat_error_event, chat_sse, open_stream
 
 T = TypeVar("T")
 
@@ -104,6 +105,14 @@ async def metrics() -> Response:
 )
 async def chat(body: ChatRequest, request: Request) -> ChatResponse | Response:
     service: ChatService = request.app.state.chat_service
+    if body.stream:
+        # Server-sent events, under the same admission, timeout and disconnect rules.
+        request_id = new_request_id()
+
+        async def start() -> AsyncIterator[str]:
+            return chat_sse(service.stream(body, request_id))
+
+        return await open_stream(request, start, chat_error_event)  # type: ignore[no-any-return]
     reply = await run_generation(request, service.chat(body, new_request_id()))
     if reply is None:
         # The client is gone; nobody reads this (499 is nginx's "client closed request").

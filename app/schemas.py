@@ -48,15 +48,22 @@ class GenerateKwargs(BaseModel):
     use_cache: bool = Field(True, description="Accepted for compatibility; no effect on the result.")
 
 
+class ChatMessage(BaseModel):
+    role: str = Field(description='Who speaks: "system", "user" or "assistant".')
+    content: str = Field(description="What they say.")
+
+
 class ChatRequest(BaseModel):
     """Kaito's UnifiedRequestModel for the text-generation pipeline."""
 
-    prompt: str | None = Field(None, description="Prompt for text generation (required).")
+    prompt: str | None = Field(None, description="Prompt for text generation (required unless messages is given).")
     return_full_text: bool | None = Field(True, description="Start the result with the prompt (true) or return only the added text.")
     clean_up_tokenization_spaces: bool | None = Field(False, description="Clean up extra spaces when decoding.")
     prefix: str | None = Field(None, description="Text prepended to the prompt before tokenizing; not echoed back.")
     handle_long_generation: str | None = Field(None, description='null, or "hole" to drop the oldest prompt tokens when prompt + new tokens exceed the model length.')
     generate_kwargs: GenerateKwargs | None = Field(None, description="transformers generate arguments; absent means Kaito's defaults.")
+    messages: list[ChatMessage] | None = Field(None, description="Conversation, instead of prompt: the model's chat template builds the prompt (with the generation prompt) and Result is the assistant's reply only (docs/STREAMING.md).")
+    stream: bool = Field(False, description="Answer with server-sent events: one per token, then the final result, then [DONE] (docs/STREAMING.md).")
 
     def generate_kwargs_given(self) -> dict[str, Any]:
         """Only what the client sent (extras included); the mapping adds the defaults."""

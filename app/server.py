@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.admission import Admission
+from app.chat_template import load_chat_template
 from app.engines.base import Engine
 from app.errors import register_error_handlers
 from app.metrics import MetricsMiddleware
 from app.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from app.openai_api import router as openai_router
 from app.routes import router
 from app.serving import ChatService
 from app.settings import Settings
@@ -83,9 +85,11 @@ def create_app(
         engine,
         Limits(max_num_return_sequences=settings.max_num_return_sequences),
         max_num_beams=settings.max_num_beams,
+        chat_template=load_chat_template(settings.chat_template),
     )
     register_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     known = frozenset(getattr(r, "path", "") for r in app.routes)
     # Added last = outermost: request ids cover everything, including 413s.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

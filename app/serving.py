@@ -2,14 +2,16 @@
 
 import math
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+from app.chat_template import build_chat_prompt
 from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
 from app.metrics import BACKEND_REQUESTS
 from app.pipeline_text import PipelineDecoder
 from app.schemas import ChatRequest, ChatResponse, Sequence, TokenScore, Usage
-from param_mapping import to_generation_plan
+from param_mapping import GenerationPlan, to_generation_plan
 from param_mapping.beam import DEFAULT_MAX_NUM_BEAMS
 from param_mapping.limits import Limits, check_limits
 
@@ -71,28 +73,51 @@ class ChatService:
         engine: Engine,
         limits: Limits | None = None,
         max_num_beams: int = DEFAULT_MAX_NUM_BEAMS,
+        chat_template: str | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits or Limits()
         self.max_num_beams = max_num_beams
+        # KAITO_CHAT_TEMPLATE's text; None: the tokenizer's own template (issue 8).
+        self.chat_template = chat_template
 
     def _check_ready(self) -> None:
         if not self.engine.is_ready():
             raise HTTPError(503, "The model is not ready yet (loading) or the engine is down.")
 
-    async def chat(self, request: ChatRequest, request_id: str) -> ChatResponse:
+    def _prompt_ids(self, request: ChatRequest) -> tuple[list[int], int]:
+        """The prompt's token ids and the prefix's length in tokens."""
+        tokenizer = self.engine.tokenizer
+        if request.messages is not None:
+            # Kaito's conversational mode (issue 8): the chat template builds the prompt,
+            # special tokens included (chat_template.py).
+            if request.prompt is not None or request.prefix:
+                raise HTTPError(
+                    400, "Send either prompt (with an optional prefix) or messages, not both.",
+                    parameter="messages",
+                )
+            messages = [m.model_dump() for m in request.messages]
+            text = build_chat_prompt(tokenizer, messages, self.chat_template)
+            return tokenizer.encode(text, add_special_tokens=False), 0
         if not request.prompt:
             raise HTTPError(400, PROMPT_REQUIRED)
-        self._check_ready()
-        engine = self.engine
-        tokenizer = engine.tokenizer
-
         # The pipeline tokenizes prefix + prompt with the tokenizer's default special
         # tokens, and measures the prefix alone without them (it adds that length to
         # max_length / min_length).
         prefix = request.prefix or ""
         prompt_ids = tokenizer.encode(prefix + request.prompt)
         prefix_tokens = len(tokenizer.encode(prefix, add_special_tokens=False)) if prefix else 0
+        return prompt_ids, prefix_tokens
+
+    def _prepare(
+        self, request: ChatRequest, request_id: str
+    ) -> tuple[GenerationRequest, GenerationPlan]:
+        """Everything before the engine: checks, tokens and the plan; raises 4xx/503."""
+        if request.messages is None and not request.prompt:
+            raise HTTPError(400, PROMPT_REQUIRED)
+        self._check_ready()
+        engine = self.engine
+        prompt_ids, prefix_tokens = self._prompt_ids(request)
 
         check_limits(request.generate_kwargs_given(), self.limits)
         plan = to_generation_plan(
@@ -107,34 +132,43 @@ class ChatService:
         if plan.keep_last_prompt_tokens is not None:
             prompt_ids = prompt_ids[-plan.keep_last_prompt_tokens :]
 
-        result = await engine.generate(
-            GenerationRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt_ids,
-                sampling=plan.sampling,
-                backend=plan.backend,
-                backend_reason=plan.backend_reason,
-                beam=plan.beam,
-                transformers_kwargs=plan.transformers_kwargs,
-            )
+        generation = GenerationRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=plan.sampling,
+            backend=plan.backend,
+            backend_reason=plan.backend_reason,
+            beam=plan.beam,
+            transformers_kwargs=plan.transformers_kwargs,
         )
-        # The dispatcher says which path served it (vLLM or transformers).
-        served_by = result.backend or engine.name
-        BACKEND_REQUESTS.labels(served_by).inc()
+        return generation, plan
 
+    def _reply(
+        self,
+        request: ChatRequest,
+        generation: GenerationRequest,
+        plan: GenerationPlan,
+        generated: list[GeneratedSequence],
+        served_by: str,
+    ) -> ChatResponse:
+        """The pipeline's reply for the generated sequences."""
+        tokenizer = self.engine.tokenizer
+        prompt_ids = generation.prompt_token_ids
         decoder = PipelineDecoder(
             tokenizer, prompt_ids, clean_up=bool(request.clean_up_tokenization_spaces)
         )
-        full = request.return_full_text is not False  # null means the pipeline default (true)
+        # null means the pipeline default (true); a conversation's reply is the new text
+        # only, as in transformers' conversational pipeline.
+        full = request.return_full_text is not False and request.messages is None
         want_scores = plan.sampling.logprobs is not None
         sequences = [
             Sequence(
-                text=decoder.generated_text(request.prompt, seq.token_ids, full),
+                text=decoder.generated_text(request.prompt or "", seq.token_ids, full),
                 finish_reason=seq.finish_reason,
                 generated_tokens=len(seq.token_ids),
                 **(_scores(tokenizer, prompt_ids, seq) if want_scores else {}),
             )
-            for seq in result.sequences
+            for seq in generated
         ]
         completion_tokens = sum(s.generated_tokens for s in sequences)
         return ChatResponse(
@@ -147,3 +181,69 @@ class ChatService:
             ),
             backend=served_by,
         )
+
+    async def chat(self, request: ChatRequest, request_id: str) -> ChatResponse:
+        generation, plan = self._prepare(request, request_id)
+        result = await self.engine.generate(generation)
+        # The dispatcher says which path served it (vLLM or transformers).
+        served_by = result.backend or self.engine.name
+        BACKEND_REQUESTS.labels(served_by).inc()
+        return self._reply(request, generation, plan, result.sequences, served_by)
+
+    def stream(self, request: ChatRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """/chat with ``stream``: checks now (4xx before anything is sent), then an
+        iterator of events: one per generated token, then the final reply.
+
+        Each token event's text is what the token adds to the pipeline's decoded text
+        (PipelineDecoder.new_text), so the texts join into exactly the non-streamed
+        reply's new text; a token that ends inside a multi-byte character adds "" and
+        the one that completes it carries the character.
+        """
+        generation, plan = self._prepare(request, request_id)
+        if plan.beam is not None:
+            # Beams are only ranked at the end; transformers cannot stream them either.
+            raise HTTPError(
+                400,
+                "stream cannot be used with beam search (generate_kwargs.num_beams > 1): "
+                "the best beam is only known when generation ends.",
+                parameter="stream",
+            )
+        if plan.backend != "vllm":
+            raise HTTPError(
+                400,
+                f"stream is not available for this request: {plan.backend_reason or 'it'} "
+                "needs the transformers backend, which does not stream.",
+                parameter="stream",
+            )
+        return self._stream_events(request, generation, plan)
+
+    async def _stream_events(
+        self, request: ChatRequest, generation: GenerationRequest, plan: GenerationPlan
+    ) -> AsyncIterator[dict[str, Any]]:
+        decoder = PipelineDecoder(
+            self.engine.tokenizer,
+            generation.prompt_token_ids,
+            clean_up=bool(request.clean_up_tokenization_spaces),
+        )
+        n = plan.sampling.n
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        sent = [""] * n
+        finish: list[str | None] = [None] * n
+        async for delta in self.engine.generate_stream(generation):
+            i = delta.index
+            for j, token in enumerate(delta.token_ids):
+                token_ids[i].append(token)
+                text = decoder.new_text(token_ids[i])
+                last = delta.finish_reason is not None and j == len(delta.token_ids) - 1
+                piece = ""
+                if text.startswith(sent[i]) and (last or not text.endswith("\ufffd")):
+                    piece, sent[i] = text[len(sent[i]) :], text
+                yield {"token": {"id": token, "text": piece}, "index": i}
+            if delta.finish_reason is not None:
+                finish[i] = delta.finish_reason
+        BACKEND_REQUESTS.labels("vllm").inc()  # streams run on vLLM only
+        generated = [
+            GeneratedSequence(ids, reason) for ids, reason in zip(token_ids, finish, strict=True)
+        ]
+        reply = self._reply(request, generation, plan, generated, "vllm")
+        yield {**reply.model_dump(), "finish_reason": finish[0] if n == 1 else finish}

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     max_num_beams: int = Field(
         default=8, ge=1, le=64, description="Largest num_beams a request may ask for."
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="A Jinja chat template file for /chat `messages` and /v1/chat/completions, "
+        "used instead of the tokenizer's own (for models that ship none).",
+    )
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=5000, ge=1, le=65535, description="Port to listen on (Kaito's 5000).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

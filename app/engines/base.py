@@ -4,7 +4,7 @@ Like vLLM's ``EngineClient``: the HTTP layer only sees ``generate``, ``abort`` a
 health checks, so tests can plug in a fake and backends can be swapped.
 """
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +43,15 @@ class GenerationResult:
     backend: str | None = None
 
 
+@dataclass(frozen=True)
+class SequenceDelta:
+    """What one sequence added at one engine step, for streaming (issue 8)."""
+
+    index: int  # which of the request's n sequences
+    token_ids: list[int]  # the tokens new since the previous delta of this sequence
+    finish_reason: str | None = None  # set on the sequence's last delta
+
+
 class EngineDeadError(RuntimeError):
     """The engine cannot serve any more requests."""
 
@@ -75,6 +84,11 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+        """The same generation, yielded as the engine produces it (vLLM's
+        RequestOutputKind.DELTA). Closing the iterator early aborts the request."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 

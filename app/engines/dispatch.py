@@ -191,6 +191,25 @@ class DispatchEngine:
         result = await self.vllm.generate(request)
         return GenerationResult(sequences=result.sequences, backend=VLLM)
 
+    async def generate_stream(self, request: GenerationRequest) -> Any:
+        """Streams go to vLLM only (issue 8): the transformers backend and the beam step
+        loop produce their text at the end."""
+        if self.route(request) != VLLM:
+            raise ParameterError(
+                "stream",
+                "stream is not available for this request: "
+                f"{request.backend_reason or 'beam search'} needs the transformers backend "
+                "or the beam search loop, which do not stream.",
+            )
+        async for delta in self.vllm.generate_stream(request):
+            yield delta
+
+    async def openai_server(self) -> Any:
+        """vLLM's OpenAI serving layer on the vLLM engine (issue 8); None without vLLM."""
+        if self.vllm is None or self._primary is not self.vllm:
+            return None
+        return await self.vllm.openai_server()
+
     async def abort(self, request_id: str) -> None:
         if self.vllm is not None:
             await self.vllm.abort(request_id)

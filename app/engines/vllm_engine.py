@@ -8,6 +8,7 @@ layer and its tests load without it.
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from app.engines.base import (
@@ -15,6 +16,7 @@ from app.engines.base import (
     GeneratedSequence,
     GenerationRequest,
     GenerationResult,
+    SequenceDelta,
     Tokenizer,
 )
 from app.engines.processors import PROCESSOR_FQCN
@@ -51,8 +53,11 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
 
 
-def to_sampling_params(spec: SamplingSpec) -> "SamplingParams":
+def to_sampling_params(spec: SamplingSpec, stream: bool = False) -> "SamplingParams":
     """Our engine-neutral spec -> vLLM SamplingParams (same field names).
+
+    ``stream``: each output carries only the tokens new since the last (DELTA), for
+    streaming; otherwise only the final output (FINAL_ONLY).
 
     The transformers rules vLLM lacks go to our logits processor through extra_args;
     where that processor takes over a step vLLM would also do (penalty, min length,
@@ -88,7 +93,7 @@ def to_sampling_params(spec: SamplingSpec) -> "SamplingParams":
         # We decode the final token ids once, the pipeline's way; vLLM need not
         # detokenize every step unless stop strings need the text.
         detokenize=bool(spec.stop),
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 
 
@@ -113,6 +118,8 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._special: SpecialTokens | None = None
         self._max_model_len = 0
+        self._openai: Any = None
+        self._openai_lock = asyncio.Lock()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -217,6 +224,46 @@ class VLLMEngine:
                 for c in sorted(final.outputs, key=lambda c: c.index)
             ]
         )
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+        """Each step's new tokens per sequence (RequestOutputKind.DELTA), as vLLM makes them."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        if self._llm is None or self._llm.errored:
+            raise EngineDeadError("the vLLM engine is not running")
+        outputs = self._llm.generate(
+            self._render(request.prompt_token_ids),
+            to_sampling_params(request.sampling, stream=True),
+            request.request_id,
+        )
+        try:
+            async for output in outputs:
+                for c in output.outputs:
+                    if c.token_ids or c.finish_reason is not None:
+                        yield SequenceDelta(c.index, list(c.token_ids), c.finish_reason)
+        except VLLMEngineDead as exc:
+            raise EngineDeadError("the vLLM engine died") from exc
+        except VLLMValidationError as exc:
+            raise ParameterError(f"generate_kwargs.{exc.parameter or 'unknown'}", str(exc)) from exc
+        finally:
+            # A consumer that stops early (client gone, timeout) leaves vLLM's generator
+            # suspended; closing it aborts the request in the engine (AsyncLLM.generate
+            # aborts on GeneratorExit), which frees its batch slot at once.
+            await outputs.aclose()
+
+    async def openai_server(self) -> Any:
+        """vLLM's own OpenAI serving layer on this engine, built on first use
+        (engines/vllm_openai.py)."""
+        if self._llm is None or self._llm.errored:
+            raise EngineDeadError("the vLLM engine is not running")
+        if self._openai is None:
+            from app.engines.vllm_openai import VLLMOpenAIServer
+
+            async with self._openai_lock:
+                if self._openai is None:
+                    self._openai = await VLLMOpenAIServer.create(self._llm, self._settings)
+        return self._openai
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
