@@ -1,5 +1,6 @@
 """The /chat logic between HTTP and the engine: tokenize, map, generate, decode."""
 
+import contextlib
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -229,18 +230,21 @@ class ChatService:
         token_ids: list[list[int]] = [[] for _ in range(n)]
         sent = [""] * n
         finish: list[str | None] = [None] * n
-        async for delta in self.engine.generate_stream(generation):
-            i = delta.index
-            for j, token in enumerate(delta.token_ids):
-                token_ids[i].append(token)
-                text = decoder.new_text(token_ids[i])
-                last = delta.finish_reason is not None and j == len(delta.token_ids) - 1
-                piece = ""
-                if text.startswith(sent[i]) and (last or not text.endswith("\ufffd")):
-                    piece, sent[i] = text[len(sent[i]) :], text
-                yield {"token": {"id": token, "text": piece}, "index": i}
-            if delta.finish_reason is not None:
-                finish[i] = delta.finish_reason
+        # aclosing: when the client goes away, the engine's stream (and so the engine
+        # request) is closed at once, not when the garbage collector gets to it.
+        async with contextlib.aclosing(self.engine.generate_stream(generation)) as deltas:
+            async for delta in deltas:
+                i = delta.index
+                for j, token in enumerate(delta.token_ids):
+                    token_ids[i].append(token)
+                    text = decoder.new_text(token_ids[i])
+                    last = delta.finish_reason is not None and j == len(delta.token_ids) - 1
+                    piece = ""
+                    if text.startswith(sent[i]) and (last or not text.endswith("\ufffd")):
+                        piece, sent[i] = text[len(sent[i]) :], text
+                    yield {"token": {"id": token, "text": piece}, "index": i}
+                if delta.finish_reason is not None:
+                    finish[i] = delta.finish_reason
         BACKEND_REQUESTS.labels("vllm").inc()  # streams run on vLLM only
         generated = [
             GeneratedSequence(ids, reason) for ids, reason in zip(token_ids, finish, strict=True)

@@ -19,6 +19,7 @@ Then per request, when vLLM is the primary:
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -201,8 +202,11 @@ class DispatchEngine:
                 f"{request.backend_reason or 'beam search'} needs the transformers backend "
                 "or the beam search loop, which do not stream.",
             )
-        async for delta in self.vllm.generate_stream(request):
-            yield delta
+        # aclosing: a consumer that stops early closes vLLM's stream now (which aborts
+        # the request), not whenever the garbage collector gets to it.
+        async with contextlib.aclosing(self.vllm.generate_stream(request)) as stream:
+            async for delta in stream:
+                yield delta
 
     async def openai_server(self) -> Any:
         """vLLM's OpenAI serving layer on the vLLM engine (issue 8); None without vLLM."""
