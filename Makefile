@@ -5,7 +5,7 @@ VENV ?= .venv
 PORT ?= 5000
 PY := $(VENV)/bin/python
 
-.PHONY: serve test install install-test model lint bench bench-quick clean
+.PHONY: serve test install install-test model lint bench bench-quick soak fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,11 @@ bench: install-test model
 
 bench-quick: install-test model
 	$(PY) -m bench --profile quick $(BENCH_ARGS)
+
+# Not in CI: our server at ~70% of capacity for 30 minutes (bench/soak.py).
+soak: install-test model
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
+# A longer schemathesis run against the real engine than CI's 500 cases.
+fuzz: install-test model
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(PY) -m pytest tests/integration/test_fuzz_live.py
