@@ -192,8 +192,31 @@ class VLLMEngine:
     def is_ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    def _render(self, prompt_token_ids: list[int]) -> Any:
+        """Token ids as the rendered engine input AsyncLLM.generate takes directly.
+
+        A raw ``TokensPrompt`` is deprecated there ("Passing raw prompts to
+        InputProcessor is deprecated") and costs every request a hop to the renderer's
+        thread pool to be rendered (InputProcessor.process_inputs_async). Rendering
+        token ids is cheap, so it happens here, the way AsyncLLM.generate's docstring
+        shows; the renderer still checks the length against the model's.
+        """
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        assert self._llm is not None
+        renderer = self._llm.renderer
+        parsed = parse_model_prompt(
+            self._llm.model_config, TokensPrompt(prompt_token_ids=prompt_token_ids)
+        )
+        try:
+            (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
+        except VLLMValidationError as exc:  # a 400, as from generate below
+            raise ParameterError(f"generate_kwargs.{exc.parameter or 'unknown'}", str(exc)) from exc
+        return engine_input
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
@@ -202,7 +225,7 @@ class VLLMEngine:
         final = None
         try:
             async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+                self._render(request.prompt_token_ids),
                 to_sampling_params(request.sampling),
                 request.request_id,
             ):
