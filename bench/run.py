@@ -113,7 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--open-rate", type=float, help="open-loop Poisson rate (req/s); 0 disables")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass (smoke tests)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=1,
+        help="KV cache per vLLM system, whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer); "
+        "1 GiB holds ~23k tokens, twice what concurrency 64 needs here",
+    )
     p.add_argument("--ours-url", help="attach to a running server of ours instead of starting one")
     p.add_argument(
         "--attach",
@@ -427,16 +433,22 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     profile = build_profile(args)
+    # Ctrl-C and SIGTERM interrupt at once, even while a system is starting (asyncio.run
+    # would only cancel its task once the loop gets control back).
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    run = Run(args, profile)
-    print(f"bench: {args.profile} profile, results in {run.out}", file=sys.stderr, flush=True)
-    started = time.monotonic()
+    run: Run | None = None
     try:
+        run = Run(args, profile)
+        print(f"bench: {args.profile} profile, results in {run.out}", file=sys.stderr, flush=True)
+        started = time.monotonic()
         asyncio.run(run.run())
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping every system; partial results kept", file=sys.stderr)
+        print("\ninterrupted: stopping every system", file=sys.stderr)
         kill_all()
-        print(run.save())
+        if run is not None and run.levels:
+            print(run.save())
+            print(f"partial results in {run.out}", file=sys.stderr)
         return 130
     text = run.save()
     print(text)
