@@ -188,3 +188,12 @@ def test_other_extra_args_pass_through():
     spec.extra_args["someone_elses"] = 1
     _, extra = processor_rules(spec)
     assert extra["someone_elses"] == 1 and "no_repeat_ngram_size" not in extra
+
+
+def test_temperature_above_vllms_range_takes_the_whole_warper_chain():
+    # transformers takes any positive temperature; vLLM's SamplingParams stop at 2.
+    overrides, extra = route({"temperature": 3.0, "top_k": 5})
+    assert overrides == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    warpers = next(iter(extra.values()))["warpers"]
+    assert warpers == {"temperature": 3.0, "top_k": 5, "top_p": 1.0, "typical_p": 1.0}
+    assert route({"temperature": 2.0}) == ({}, {})  # vLLM's own range: vLLM does it

@@ -30,6 +30,9 @@ from typing import Any
 from app.engines.processors import EXTRA_ARGS_KEY
 from param_mapping import SamplingSpec
 
+# vLLM's SamplingParams accept temperature in [0, 2] only.
+VLLM_MAX_TEMPERATURE = 2.0
+
 # SamplingSpec.extra_args keys (transformers names) that this processor serves.
 RULE_KEYS = (
     "typical_p",
@@ -75,7 +78,9 @@ def processor_rules(spec: SamplingSpec) -> tuple[dict[str, Any], dict[str, Any]]
         rules["remove_invalid_values"] = True
 
     typical_p = given.get("typical_p", 1.0)
-    if spec.temperature > 0 and typical_p < 1.0:
+    # vLLM refuses temperatures above 2; transformers takes any positive one. Either
+    # case runs transformers' whole warper chain here, with vLLM's steps neutral.
+    if spec.temperature > 0 and (typical_p < 1.0 or spec.temperature > VLLM_MAX_TEMPERATURE):
         rules["warpers"] = {
             "temperature": spec.temperature,
             "top_k": spec.top_k,
