@@ -392,7 +392,21 @@ class Run:
         systems = self.profile.systems
         ratio_rows = report.ratios(aggs, "ours" if "ours" in systems else systems[0])
         over = report.overheads(self.levels)
-        meta = {**self.meta, "notes": self.notes, "startups": self.startups}
+        notes = list(self.notes)
+        loads = [x for level in self.levels for x in (level.loadavg_before, level.loadavg_after)]
+        loads = [x for x in loads if x is not None]
+        if loads:
+            cores = os.cpu_count() or 1
+            busy = (
+                " (other work shared the CPU: absolute numbers inflated)"
+                if max(loads) > cores
+                else ""
+            )
+            notes.append(
+                f"1-minute load average during the measurements: {min(loads):.1f} to "
+                f"{max(loads):.1f} on {cores} cores{busy}"
+            )
+        meta = {**self.meta, "notes": notes, "startups": self.startups}
         result = {
             "meta": meta,
             "aggregates": [a.to_json() for a in aggs],
