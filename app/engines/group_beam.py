@@ -95,7 +95,10 @@ def logits_processors(model: Any, kwargs: Mapping[str, Any], prompt: torch.Tenso
         out.append(NoRepeatNGramLogitsProcessor(int(kwargs["no_repeat_ngram_size"])))
     if kwargs.get("encoder_no_repeat_ngram_size", 0) > 0:
         out.append(
-            EncoderNoRepeatNGramLogitsProcessor(int(kwargs["encoder_no_repeat_ngram_size"]), prompt)
+            EncoderNoRepeatNGramLogitsProcessor(
+                int(kwargs["encoder_no_repeat_ngram_size"]),
+                prompt,  # type: ignore[arg-type]  # a LongTensor at runtime
+            )
         )
     if kwargs.get("bad_words_ids"):
         out.append(NoBadWordsLogitsProcessor(kwargs["bad_words_ids"], eos or None))

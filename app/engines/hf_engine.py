@@ -127,7 +127,7 @@ class HFEngine:
         log.info("loading the transformers backend: %s on %s", s.model, self._device)
         tokenizer = AutoTokenizer.from_pretrained(s.model)
         model = AutoModelForCausalLM.from_pretrained(s.model, dtype=_torch_dtype(s, on_gpu))
-        model.to(self._device)
+        model.to(self._device)  # type: ignore[arg-type]  # transformers' .to wrapper typing
         model.eval()
         config = model.config
         context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
