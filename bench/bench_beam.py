@@ -1,0 +1,280 @@
+"""Beam search throughput: our server against transformers ``generate``, same run.
+
+    .venv/bin/python bench/bench_beam.py [--beam-backends vllm,hf] [--enforce-eager]
+        [--concurrency 8] [--requests 16] [--num-beams 4] [--max-new-tokens 24]
+
+For each beam backend it starts ``python -m app`` (KAITO_BEAM_BACKEND=<it>) on a free
+port, warms it up with the workload, then sends ``--requests`` beam-search requests from
+``--concurrency`` clients and stops it. Then, with the server gone (so the two do not
+share the CPU), it loads the same model with transformers and runs the same requests
+with ``generate`` and the same settings: one at a time (what Kaito's pipeline server
+does) and as static batches of ``--concurrency`` prompts (left-padded).
+
+Prints one JSON line per system and the ratios; bench/NOTES_beam.md has measured runs.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.settings import DEFAULT_MODEL_DIR  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about a lighthouse in winter.",
+    "The best way to learn a new language is",
+    "Explain why the sky is blue in one sentence.",
+    "def fibonacci(n):",
+    "My favourite season of the year is",
+    "Give three tips for a job interview:",
+    "To make a cup of tea, first",
+    "The moon orbits the Earth because",
+    "Here is a short poem about the sea:",
+    "In 1969, astronauts",
+    "A healthy breakfast includes",
+    "The main causes of the French Revolution were",
+    "Once upon a time, in a small village,",
+    "Water boils at",
+    "The three primary colours are",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "do_sample": False,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "length_penalty": 1.0,
+        "early_stopping": False,
+    }
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, beam_backend: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # No request timeout: a queue of beam requests on a busy CPU may take long.
+        env = {
+            **os.environ,
+            "KAITO_BEAM_BACKEND": beam_backend,
+            "KAITO_REQUEST_TIMEOUT_SECONDS": "0",
+        }
+        cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--model", args.model, "--log-level", "warning"]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_healthy(self, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("server not healthy in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
+
+async def run_clients(
+    url: str, prompts: list[str], kwargs: dict[str, Any], concurrency: int
+) -> dict[str, Any]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    latencies: list[float] = []
+    tokens = 0
+    backends: set[str] = set()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            t0 = time.perf_counter()
+            r = await http.post(
+                url + "/chat",
+                json={"prompt": prompt, "return_full_text": False, "generate_kwargs": kwargs},
+            )
+            r.raise_for_status()
+            body = r.json()
+            latencies.append(time.perf_counter() - t0)
+            tokens += body["usage"]["completion_tokens"]
+            backends.add(body["backend"])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=3600) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "requests": len(prompts),
+        "wall_s": round(wall, 2),
+        "req_per_s": round(len(prompts) / wall, 4),
+        "tokens": tokens,
+        "tok_per_s": round(tokens / wall, 2),
+        "p50_latency_s": round(latencies[len(latencies) // 2], 2),
+        "max_latency_s": round(latencies[-1], 2),
+        "served_by": sorted(backends),
+    }
+
+
+def run_transformers(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    kwargs = {k: v for k, v in generate_kwargs(args).items()}
+    kwargs.update(eos_token_id=[eos], pad_token_id=pad)
+
+    def one(prompt: str) -> int:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        return int(out.shape[-1] - ids.shape[-1])
+
+    def batch(group: list[str]) -> int:
+        tokenizer.padding_side = "left"
+        enc = tokenizer(group, return_tensors="pt", padding=True)
+        out = model.generate(**enc, **kwargs)
+        return int((out.shape[-1] - enc.input_ids.shape[-1]) * len(group))
+
+    with torch.inference_mode():
+        one(prompts[0])  # warm-up
+        results = []
+        t0 = time.perf_counter()
+        tokens = sum(one(p) for p in prompts)
+        wall = time.perf_counter() - t0
+        results.append(
+            {
+                "system": "transformers generate, one request at a time",
+                "requests": len(prompts),
+                "wall_s": round(wall, 2),
+                "req_per_s": round(len(prompts) / wall, 4),
+                "tokens_upper_bound": tokens,
+            }
+        )
+        t0 = time.perf_counter()
+        tokens = 0
+        for i in range(0, len(prompts), args.concurrency):
+            tokens += batch(prompts[i : i + args.concurrency])
+        wall = time.perf_counter() - t0
+        results.append(
+            {
+                "system": f"transformers generate, static batches of {args.concurrency}",
+                "requests": len(prompts),
+                "wall_s": round(wall, 2),
+                "req_per_s": round(len(prompts) / wall, 4),
+                "tokens_upper_bound": tokens,
+            }
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument(
+        "--beam-backends", default="vllm,hf", help="KAITO_BEAM_BACKEND values to run"
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="start the server eager (faster start, slower run)",
+    )
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--log-dir", default="/tmp/bench_beam")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = generate_kwargs(args)
+    print(
+        json.dumps({"workload": kwargs, "requests": args.requests, "concurrency": args.concurrency})
+    )
+    results: list[dict[str, Any]] = []
+    for backend in [b for b in args.beam_backends.split(",") if b]:
+        server = Server(args, backend, log_dir / f"server-{backend}.log")
+        try:
+            t0 = time.monotonic()
+            server.wait_healthy()
+            startup = time.monotonic() - t0
+            # Warm-up with the workload itself (compiled shapes, the lazy HF load).
+            asyncio.run(
+                run_clients(server.url, prompts[: args.concurrency], kwargs, args.concurrency)
+            )
+            row = asyncio.run(run_clients(server.url, prompts, kwargs, args.concurrency))
+        finally:
+            server.stop()
+        row = {
+            "system": f"ours, KAITO_BEAM_BACKEND={backend}",
+            "startup_s": round(startup, 1),
+            **row,
+        }
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if not args.skip_transformers:
+        for row in run_transformers(args, prompts):
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    base = {r["system"]: r["wall_s"] for r in results}
+    for r in results:
+        if r["system"].startswith("ours"):
+            for name, wall in base.items():
+                if name.startswith("transformers"):
+                    ratio = wall / r["wall_s"]
+                    print(f"{r['system']} vs {name}: {ratio:.2f}x (its wall time / ours)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
