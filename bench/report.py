@@ -296,6 +296,10 @@ def markdown(result: dict[str, Any], aggs: list[Aggregate]) -> str:
                 system = key.removesuffix("_vs_offline_ms")
                 text = f"{system} − offline engine, same request (different runs: noisy)"
             lines.append(f"- {text}: {v['median']:.2f}, {v['p90']:.2f}, n={v['n']}")
+        lines.append(
+            "- latencies are the POST alone; at concurrency 1 the HTTP systems' req/s and "
+            "tok/s above also pay for the two /metrics reads around each request"
+        )
     lines += ["", "### Goals", ""]
     for check in result["goals"]:
         mark = {True: "MET", False: "NOT MET", None: "n/a"}[check["met"]]
