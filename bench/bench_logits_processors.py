@@ -306,6 +306,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds of one pass per engine")
     parser.add_argument("--compiled", action="store_true", help="torch.compile (slow start)")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--vanilla-first", action="store_true", help="build vanilla first")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     configure_environment()
@@ -329,7 +330,11 @@ def main() -> None:
     if not args.skip_end_to_end:
         engines: dict[str, Engine] = {}
         try:
-            for name in ("ours", "vanilla"):
+            # Creation order is a variable of its own on a shared machine (which engine's
+            # threads start first): --vanilla-first swaps it to check a ratio against it.
+            order = ("vanilla", "ours") if args.vanilla_first else ("ours", "vanilla")
+            results["setup"]["created_first"] = order[0]
+            for name in order:
                 engines[name] = Engine(
                     args.model, name == "ours", args.concurrency, not args.compiled
                 )
