@@ -57,13 +57,20 @@ async def soak(args: argparse.Namespace) -> dict:
         calib = summarize(LevelResult("ours", "closed", 32, None, elapsed, records))
         capacity = calib["requests_per_s"]
         rate = args.load * capacity
-        print(f"capacity {capacity:.2f} req/s at c=32; soaking at {rate:.2f} req/s "
-              f"({args.load:.0%}) for {args.minutes} min", flush=True)
+        print(
+            f"capacity {capacity:.2f} req/s at c=32; soaking at {rate:.2f} req/s "
+            f"({args.load:.0%}) for {args.minutes} min",
+            flush=True,
+        )
 
         windows = []
         for minute in range(args.minutes):
             requests = workload.requests(f"soak{minute}", int(rate * 60 * 2) + 10)
-            records, elapsed = await server.run_open(requests, rate, 60, 60, f"minute {minute + 1}")
+            # A new arrival schedule per window: with one seed every minute would replay
+            # the same (Poisson but fixed) 60 seconds.
+            records, elapsed = await server.run_open(
+                requests, rate, 60, 60, f"minute {minute + 1}", seed=minute
+            )
             ok = [r.latency_s for r in records if r.status == "ok"]
             window = {
                 "minute": minute + 1,
@@ -87,8 +94,14 @@ async def soak(args: argparse.Namespace) -> dict:
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
         "errors": sum(w["errors"] for w in windows),
     }
-    return {"capacity_req_s": capacity, "rate_req_s": rate, "windows": windows, "verdict": verdict,
-            "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "capacity_req_s": capacity,
+        "rate_req_s": rate,
+        "windows": windows,
+        "verdict": verdict,
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def main() -> None:

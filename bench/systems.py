@@ -142,7 +142,13 @@ class System(ABC):
     ) -> tuple[list[Record], float]: ...
 
     async def run_open(
-        self, requests: Sequence[Request], rate: float, max_s: float, grace_s: float, label: str
+        self,
+        requests: Sequence[Request],
+        rate: float,
+        max_s: float,
+        grace_s: float,
+        label: str,
+        seed: int = 0,
     ) -> tuple[list[Record], float]:
         raise NotImplementedError
 
@@ -215,7 +221,7 @@ class HttpSystem(System):
 
     def _sender(
         self, session: aiohttp.ClientSession, with_engine_time: bool
-    ) -> tuple[Send, dict[int, float]]:
+    ) -> tuple[Send, dict[int, tuple[float, float]]]:
         engine_times: dict[int, tuple[float, float]] = {}
         assert self.url is not None
         base = self.url
@@ -278,14 +284,20 @@ class HttpSystem(System):
         return records, elapsed
 
     async def run_open(
-        self, requests: Sequence[Request], rate: float, max_s: float, grace_s: float, label: str
+        self,
+        requests: Sequence[Request],
+        rate: float,
+        max_s: float,
+        grace_s: float,
+        label: str,
+        seed: int = 0,
     ) -> tuple[list[Record], float]:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None)
         ) as session:
             send, _ = self._sender(session, False)
-            return await open_loop(send, requests, rate, max_s, grace_s, label)
+            return await open_loop(send, requests, rate, max_s, grace_s, label, seed=seed)
 
 
 class OurServer(HttpSystem):
