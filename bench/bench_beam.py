@@ -15,12 +15,7 @@ Prints one JSON line per system and the ratios; bench/NOTES_beam.md has measured
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +26,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.settings import DEFAULT_MODEL_DIR  # noqa: E402
+from app.settings import DEFAULT_MODEL_DIR, Settings  # noqa: E402
+from bench.systems import BenchConfig, OurServer  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -53,12 +49,6 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "do_sample": False,
@@ -69,52 +59,19 @@ def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace, beam_backend: str, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # No request timeout: a queue of beam requests on a busy CPU may take long.
-        env = {
-            **os.environ,
-            "KAITO_BEAM_BACKEND": beam_backend,
-            "KAITO_REQUEST_TIMEOUT_SECONDS": "0",
-        }
-        cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--model", args.model, "--log-level", "warning"]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_healthy(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("server not healthy in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
+def beam_server(args: argparse.Namespace, beam_backend: str) -> OurServer:
+    """Our server as bench/systems.py runs it (CPU settings, process group, clean-up),
+    with the server's default KV cache and the beam backend under test."""
+    config = BenchConfig(
+        model=args.model,
+        enforce_eager=args.enforce_eager,
+        kv_cache_gib=Settings.model_fields["kv_cache_space_gib"].default,
+        log_dir=Path(args.log_dir),
+    )
+    server = OurServer(config)
+    # No request timeout: a queue of beam requests on a busy CPU may take long.
+    server.extra_env = {"KAITO_BEAM_BACKEND": beam_backend, "KAITO_REQUEST_TIMEOUT_SECONDS": "0"}
+    return server
 
 
 async def run_clients(
@@ -235,19 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
-    log_dir = Path(args.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
     kwargs = generate_kwargs(args)
     print(
         json.dumps({"workload": kwargs, "requests": args.requests, "concurrency": args.concurrency})
     )
     results: list[dict[str, Any]] = []
     for backend in [b for b in args.beam_backends.split(",") if b]:
-        server = Server(args, backend, log_dir / f"server-{backend}.log")
+        server = beam_server(args, backend)
         try:
-            t0 = time.monotonic()
-            server.wait_healthy()
-            startup = time.monotonic() - t0
+            server.start(f"beam-{backend}")
+            assert server.url is not None and server.startup_s is not None
+            startup = server.startup_s
             # Warm-up with the workload itself (compiled shapes, the lazy HF load).
             asyncio.run(
                 run_clients(server.url, prompts[: args.concurrency], kwargs, args.concurrency)

@@ -93,6 +93,8 @@ class System(ABC):
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
+        # Environment for this system's process beyond the shared CPU settings.
+        self.extra_env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self._log: IO[bytes] | None = None
@@ -107,7 +109,7 @@ class System(ABC):
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
-            env={**os.environ, **self.config.cpu_env(), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.config.cpu_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else self._log,
             stderr=self._log,
