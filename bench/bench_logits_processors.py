@@ -52,11 +52,11 @@ PROMPTS = [
 
 
 def configure_environment() -> None:
-    # As the server does on CPU (app/engines/vllm_engine.configure_vllm_environment).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    """The server's CPU settings, with a 1 GiB KV cache (plenty for 8 sequences)."""
+    from app.engines.vllm_engine import configure_vllm_environment
+    from app.settings import Settings
+
+    configure_vllm_environment(Settings(kv_cache_space_gib=1), on_gpu=False)
 
 
 # --- 1. end to end ------------------------------------------------------------------------
