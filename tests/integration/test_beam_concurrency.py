@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +38,6 @@ GROUP = {
     "diversity_penalty": 1.0,
     "max_new_tokens": 8,
 }
-
-
-def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(
-                sample.labels.get(k) == v for k, v in (labels or {}).items()
-            ):
-                return sample.value
-    return 0.0
 
 
 def beam_reference(hf_model, hf_tokenizer, prompt: str) -> list[int]:

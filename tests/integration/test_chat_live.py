@@ -9,6 +9,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.pipeline_text import PipelineDecoder
+from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
 
@@ -108,16 +109,6 @@ def test_greedy_with_repetition_penalty_matches_transformers(server_url, referen
         assert r.json()["Result"] == expected
 
 
-def _running_requests(url: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "vllm:num_requests_running"
-    )
-
-
 def test_concurrent_requests_are_batched(server_url):
     async def run() -> tuple[list[httpx.Response], float]:
         peak = 0.0
@@ -128,7 +119,7 @@ def test_concurrent_requests_are_batched(server_url):
                 for p in (PROMPTS + PROMPTS)[:16]
             ]
             while not all(t.done() for t in tasks):
-                peak = max(peak, await asyncio.to_thread(_running_requests, server_url))
+                peak = max(peak, await asyncio.to_thread(metric, server_url, "vllm:num_requests_running"))
                 await asyncio.sleep(0.2)
             return [t.result() for t in tasks], peak
 

@@ -5,16 +5,10 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
-
-
-def gauge(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
-    )
 
 
 def test_disconnected_clients_free_the_engine(server_url):
@@ -25,7 +19,7 @@ def test_disconnected_clients_free_the_engine(server_url):
         async with httpx.AsyncClient(timeout=300) as client:
             tasks = [asyncio.create_task(client.post(server_url + "/chat", json=payload)) for _ in range(8)]
             deadline = time.monotonic() + 60
-            while gauge(server_url, "vllm:num_requests_running") < 8 and time.monotonic() < deadline:
+            while metric(server_url, "vllm:num_requests_running") < 8 and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             for task in tasks:  # the clients close their connections
                 task.cancel()
@@ -34,10 +28,10 @@ def test_disconnected_clients_free_the_engine(server_url):
     asyncio.run(start_and_drop())
     dropped_at = time.monotonic()
     while time.monotonic() - dropped_at < 5:
-        if gauge(server_url, "vllm:num_requests_running") == 0 and gauge(server_url, "kaito_requests_in_flight") == 0:
+        if metric(server_url, "vllm:num_requests_running") == 0 and metric(server_url, "kaito_requests_in_flight") == 0:
             break
         time.sleep(0.1)
     freed_after = time.monotonic() - dropped_at
-    assert gauge(server_url, "vllm:num_requests_running") == 0
-    assert gauge(server_url, "kaito_requests_in_flight") == 0
+    assert metric(server_url, "vllm:num_requests_running") == 0
+    assert metric(server_url, "kaito_requests_in_flight") == 0
     assert freed_after < 1.0, f"engine slots freed after {freed_after:.2f}s"

@@ -6,16 +6,10 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
-
-
-def gauge(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
-    )
 
 
 def stream_events(
@@ -100,17 +94,17 @@ def test_dropped_stream_frees_the_engine_slot(server_url):
             if seen == 5:
                 # Read while the stream is open: breaking out of iter_lines() closes the
                 # connection at once (httpx closes the response with its iterator).
-                assert gauge(server_url, "vllm:num_requests_running") == 1
+                assert metric(server_url, "vllm:num_requests_running") == 1
                 break
     dropped_at = time.monotonic()
     while time.monotonic() - dropped_at < 5:
         if (
-            gauge(server_url, "vllm:num_requests_running") == 0
-            and gauge(server_url, "kaito_requests_in_flight") == 0
+            metric(server_url, "vllm:num_requests_running") == 0
+            and metric(server_url, "kaito_requests_in_flight") == 0
         ):
             break
         time.sleep(0.1)
     freed_after = time.monotonic() - dropped_at
-    assert gauge(server_url, "vllm:num_requests_running") == 0
-    assert gauge(server_url, "kaito_requests_in_flight") == 0
+    assert metric(server_url, "vllm:num_requests_running") == 0
+    assert metric(server_url, "kaito_requests_in_flight") == 0
     assert freed_after < 2.0, f"engine slot freed after {freed_after:.2f}s"
