@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--eager", dest="eager", action="store_true", default=None)
     engine.add_argument("--compiled", dest="eager", action="store_false")
     p.add_argument("--open-rate", type=float, help="open-loop Poisson rate (req/s); 0 disables")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every system once and alternate them level by level (tighter ratios; "
+        "all systems' memory at once)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass (smoke tests)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument(
@@ -308,62 +314,123 @@ class Run:
                 requests, concurrency, 300, 300, f"{key} warm-up c={concurrency}"
             )
 
-    async def run_system(self, key: str, rep: int) -> None:
+    async def start_system(self, key: str, tag: str) -> System:
+        """Starts (or attaches to) one system and warms it up; stops it on failure."""
         system = self.make(key)
+        try:
+            system.start(tag=tag)
+            if system.startup_s is not None:
+                print(f"  {key}: ready in {system.startup_s:.0f}s", file=sys.stderr, flush=True)
+                self.startups.append({"system": key, "tag": tag, "startup_s": system.startup_s})
+            await self.warm_up(system, key)
+        except BaseException:
+            system.stop()
+            raise
+        return system
+
+    async def closed_level(self, system: System, key: str, rep: int, concurrency: int) -> None:
+        counts, max_s, grace_s = self.bounds(key)
+        if concurrency not in counts:
+            return
+        requests = self.workload.requests(f"r{rep}c{concurrency}", counts[concurrency])
+        level = LevelResult(key, "closed", concurrency, None, 0.0, repetition=rep)
+        level.request_bound = len(requests)
+        level.loadavg_before = os.getloadavg()[0]
+        level.records, level.elapsed_s = await system.run_closed(
+            requests, concurrency, max_s, grace_s, f"{key} c={concurrency}"
+        )
+        level.loadavg_after = os.getloadavg()[0]
+        self._finish_level(level)
+
+    async def open_level(self, system: System, key: str, rep: int) -> None:
+        rate = self.profile.open_rate
+        if not rate or not system.supports_open_loop or key == "kaito":
+            return
+        seconds = self.profile.open_seconds
+        requests = self.workload.requests(f"r{rep}open", int(rate * seconds * 2) + 10)
+        level = LevelResult(key, "open", 0, rate, 0.0, repetition=rep)
+        level.loadavg_before = os.getloadavg()[0]
+        level.records, level.elapsed_s = await system.run_open(
+            requests, rate, seconds, self.profile.grace_seconds, f"{key} open {rate:g} req/s"
+        )
+        level.loadavg_after = os.getloadavg()[0]
+        self._finish_level(level)
+
+    def _failed(self, key: str, when: str, exc: Exception) -> None:
+        # One system failing must not lose the others' results.
+        note = f"{key} ({when}) failed: {type(exc).__name__}: {exc}"
+        print(f"  {note[:2000]}", file=sys.stderr, flush=True)
+        self.notes.append(note.splitlines()[0][:300])
+
+    async def run_system(self, key: str, rep: int) -> None:
+        """One repetition of one system: start, every level, stop."""
         print(
-            f"\n[{rep + 1}/{self.profile.repeat}] {key}: {system.title}",
+            f"\n[{rep + 1}/{self.profile.repeat}] {key}: {self.make(key).title}",
             file=sys.stderr,
             flush=True,
         )
         t0 = time.monotonic()
+        system: System | None = None
         try:
-            system.start(tag=f"rep{rep + 1}")
-            if system.startup_s is not None:
-                print(f"  {key}: ready in {system.startup_s:.0f}s", file=sys.stderr, flush=True)
-                self.startups.append(
-                    {"system": key, "repetition": rep, "startup_s": system.startup_s}
-                )
-            await self.warm_up(system, key)
-            counts, max_s, grace_s = self.bounds(key)
+            system = await self.start_system(key, tag=f"rep{rep + 1}")
             for concurrency in self.profile.levels:
-                if concurrency not in counts:
-                    continue
-                requests = self.workload.requests(f"r{rep}c{concurrency}", counts[concurrency])
-                level = LevelResult(key, "closed", concurrency, None, 0.0, repetition=rep)
-                level.request_bound = len(requests)
-                level.loadavg_before = os.getloadavg()[0]
-                level.records, level.elapsed_s = await system.run_closed(
-                    requests, concurrency, max_s, grace_s, f"{key} c={concurrency}"
-                )
-                level.loadavg_after = os.getloadavg()[0]
-                self._finish_level(level)
-            rate = self.profile.open_rate
-            if rate and system.supports_open_loop and key != "kaito":
-                seconds = self.profile.open_seconds
-                requests = self.workload.requests(f"r{rep}open", int(rate * seconds * 2) + 10)
-                level = LevelResult(key, "open", 0, rate, 0.0, repetition=rep)
-                level.loadavg_before = os.getloadavg()[0]
-                level.records, level.elapsed_s = await system.run_open(
-                    requests,
-                    rate,
-                    seconds,
-                    self.profile.grace_seconds,
-                    f"{key} open {rate:g} req/s",
-                )
-                level.loadavg_after = os.getloadavg()[0]
-                self._finish_level(level)
-        except Exception as exc:  # one system failing must not lose the others' results
-            note = f"{key} (repetition {rep + 1}) failed: {type(exc).__name__}: {exc}"
-            print(f"  {note[:2000]}", file=sys.stderr, flush=True)
-            self.notes.append(note.splitlines()[0][:300])
+                await self.closed_level(system, key, rep, concurrency)
+            await self.open_level(system, key, rep)
+        except Exception as exc:
+            self._failed(key, f"repetition {rep + 1}", exc)
         finally:
-            system.stop()
+            if system is not None:
+                system.stop()
             print(
                 f"  {key}: stopped ({time.monotonic() - t0:.0f}s in all)",
                 file=sys.stderr,
                 flush=True,
             )
             self.save()
+
+    async def run_interleaved(self) -> None:
+        """Every system started once and kept alive; each repetition runs level by level,
+        system after system, in an order reversed every repetition.
+
+        The numbers a ratio compares are then a minute or two apart instead of a whole
+        system's run (start-up included) apart, so the machine's drift cancels far better.
+        An idle system costs the others nothing measurable: its engine blocks on its
+        input queue (bench/NOTES.md has the check).
+        """
+        live: dict[str, System] = {}
+        try:
+            for key in self.profile.systems:
+                print(f"\n{key}: {self.make(key).title}", file=sys.stderr, flush=True)
+                try:
+                    live[key] = await self.start_system(key, tag="interleaved")
+                except Exception as exc:
+                    self._failed(key, "start-up", exc)
+            for rep in range(self.profile.repeat):
+                keys = [k for k in self.profile.systems if k in live]
+                order = keys if rep % 2 == 0 else list(reversed(keys))
+                print(f"\n[{rep + 1}/{self.profile.repeat}] {' '.join(order)}", file=sys.stderr)
+                for concurrency in self.profile.levels:
+                    for key in order:
+                        await self._guarded(live, key, rep, self.closed_level, concurrency)
+                for key in order:
+                    await self._guarded(live, key, rep, self.open_level)
+                self.save()
+        finally:
+            for system in live.values():
+                system.stop()
+            self.save()
+
+    async def _guarded(
+        self, live: dict[str, System], key: str, rep: int, step: Any, *args: Any
+    ) -> None:
+        """Runs one level of a live system; a failure stops and drops that system."""
+        if key not in live:
+            return
+        try:
+            await step(live[key], key, rep, *args)
+        except Exception as exc:
+            self._failed(key, f"repetition {rep + 1}", exc)
+            live.pop(key).stop()
 
     def _finish_level(self, level: LevelResult) -> None:
         self.levels.append(level)
@@ -381,6 +448,9 @@ class Run:
         )
 
     async def run(self) -> None:
+        if self.args.interleave:
+            await self.run_interleaved()
+            return
         systems = self.profile.systems
         for rep in range(self.profile.repeat):
             order = systems if rep % 2 == 0 else list(reversed(systems))

@@ -38,3 +38,22 @@ def test_harness_measures_our_server(server_url: str, tmp_path: Path) -> None:
     assert result["overhead"]["ours_in_server_ms"]["n"] == 3
     assert (out / "report.md").read_text().startswith("## Benchmark")
     assert (out / "plot.png").stat().st_size > 0
+
+
+def test_interleaved_schedule_alternates_live_systems(server_url: str, tmp_path: Path) -> None:
+    # Two names for the one live server: the schedule, not the numbers, is under test.
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bench", "--systems", "ours,twin", "--ours-url", server_url]
+    argv += ["--attach", f"twin={server_url}", "--interleave", "--repeat", "2"]
+    argv += ["--levels", "1,2", "--requests", "2", "--max-new-tokens", "4"]
+    argv += ["--no-warmup", "--open-rate", "0", "--no-plot", "--out", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    levels = json.loads((out / "result.json").read_text())["levels"]
+    # Level by level, system after system; the order reverses every repetition.
+    assert [(lv["repetition"], lv["concurrency"], lv["system"]) for lv in levels] == [
+        (0, 1, "ours"), (0, 1, "twin"), (0, 2, "ours"), (0, 2, "twin"),
+        (1, 1, "twin"), (1, 1, "ours"), (1, 2, "twin"), (1, 2, "ours"),
+    ]  # fmt: skip
+    assert all(lv["summary"]["errors"] == 0 for lv in levels)
