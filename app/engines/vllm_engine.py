@@ -53,11 +53,15 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
 
 
-def to_sampling_params(spec: SamplingSpec, stream: bool = False) -> "SamplingParams":
+def to_sampling_params(
+    spec: SamplingSpec, stream: bool = False, vllm_eos_ids: frozenset[int] | None = None
+) -> "SamplingParams":
     """Our engine-neutral spec -> vLLM SamplingParams (same field names).
 
     ``stream``: each output carries only the tokens new since the last (DELTA), for
-    streaming; otherwise only the final output (FINAL_ONLY).
+    streaming; otherwise only the final output (FINAL_ONLY). ``vllm_eos_ids``: the EOS
+    ids this engine adds to every request's stop set (``engine_eos_ids``); with them,
+    a minimum length can use vLLM's built-in when that bans the same ids.
 
     The transformers rules vLLM lacks go to our logits processor through extra_args;
     where that processor takes over a step vLLM would also do (penalty, min length,
@@ -66,7 +70,7 @@ def to_sampling_params(spec: SamplingSpec, stream: bool = False) -> "SamplingPar
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    overrides, extra_args = processor_rules(spec)
+    overrides, extra_args = processor_rules(spec, vllm_eos_ids)
     fields: dict[str, Any] = {
         "n": spec.n,
         "temperature": spec.temperature,
@@ -97,6 +101,20 @@ def to_sampling_params(spec: SamplingSpec, stream: bool = False) -> "SamplingPar
     )
 
 
+def engine_eos_ids(llm: "AsyncLLM") -> frozenset[int]:
+    """The EOS ids vLLM adds to every request's stop set, and so to what its built-in
+    min_tokens bans: the tokenizer's and generation_config's (InputProcessor calls
+    SamplingParams.update_from_generation_config with both)."""
+    ids = set()
+    eos = llm.renderer.get_eos_token_id()
+    if eos is not None:
+        ids.add(eos)
+    configured = llm.model_config.try_get_generation_config().get("eos_token_id")
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    return frozenset(ids)
+
+
 def _chosen_logprobs(completion: Any) -> list[float] | None:
     """The sampled tokens' log-probabilities from a vLLM CompletionOutput, or None."""
     steps = completion.logprobs
@@ -118,6 +136,7 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._special: SpecialTokens | None = None
         self._max_model_len = 0
+        self._eos_ids: frozenset[int] | None = None
         self._openai: Any = None
         self._openai_lock = asyncio.Lock()
 
@@ -174,6 +193,7 @@ class VLLMEngine:
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         model_config = self._llm.model_config
         self._max_model_len = model_config.max_model_len
+        self._eos_ids = engine_eos_ids(self._llm)
         # The same tokenizer transformers' pipeline would use: Kaito's text rules
         # (prefix, pipeline decoding) are defined in its terms.
         self._tokenizer = AutoTokenizer.from_pretrained(self._settings.model)
@@ -226,7 +246,7 @@ class VLLMEngine:
         try:
             async for output in self._llm.generate(
                 self._render(request.prompt_token_ids),
-                to_sampling_params(request.sampling),
+                to_sampling_params(request.sampling, vllm_eos_ids=self._eos_ids),
                 request.request_id,
             ):
                 final = output
@@ -257,7 +277,7 @@ class VLLMEngine:
             raise EngineDeadError("the vLLM engine is not running")
         outputs = self._llm.generate(
             self._render(request.prompt_token_ids),
-            to_sampling_params(request.sampling, stream=True),
+            to_sampling_params(request.sampling, stream=True, vllm_eos_ids=self._eos_ids),
             request.request_id,
         )
         try:

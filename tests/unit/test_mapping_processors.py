@@ -153,6 +153,31 @@ def test_min_length_is_ours_with_exactly_the_eos_ids():
     assert route({"min_new_tokens": 4, "eos_token_id": []}) == ({"min_tokens": 0}, {})
 
 
+def test_min_length_uses_vllms_builtin_when_it_bans_the_same_ids():
+    # The engine adds eos 2 to every stop set: a client whose eos ids include it gets
+    # vLLM's vectorised min_tokens, the same ban as transformers'.
+    engine_eos = frozenset({2})
+    assert processor_rules(plan({"min_new_tokens": 4}).sampling, engine_eos) == ({}, {})
+    spec = plan({"min_new_tokens": 4, "eos_token_id": [2, 7]}).sampling
+    assert processor_rules(spec, engine_eos) == ({}, {})
+    # vLLM would also ban 2, which this client does not treat as eos: ours.
+    spec = plan({"min_new_tokens": 4, "eos_token_id": 7}).sampling
+    assert processor_rules(spec, engine_eos)[1][EXTRA_ARGS_KEY]["eos_token_ids"] == [7]
+    # vLLM's minimum also holds stop strings back; transformers' does not: ours.
+    spec = plan({"min_new_tokens": 4, "stop_strings": ["x"]}).sampling
+    assert processor_rules(spec, engine_eos)[0] == {"min_tokens": 0}
+    # Unknown engine ids: ours, as before.
+    assert processor_rules(plan({"min_new_tokens": 4}).sampling, None)[0] == {"min_tokens": 0}
+
+
+def test_builtin_min_tokens_never_exceeds_max_tokens():
+    # transformers accepts a minimum past the maximum (eos is simply never allowed);
+    # vLLM refuses it: the mapping clamps it, which changes nothing.
+    spec = plan({"min_new_tokens": 50, "max_new_tokens": 10}).sampling
+    assert (spec.min_tokens, spec.max_tokens) == (10, 10)
+    assert processor_rules(spec, frozenset({2})) == ({}, {})
+
+
 def test_typical_p_takes_the_whole_warper_chain():
     overrides, extra = route({"typical_p": 0.6, "temperature": 0.7, "top_k": 20, "top_p": 0.9})
     assert overrides == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}

@@ -34,7 +34,7 @@ from vllm.v1.sample.metadata import SamplingMetadata  # noqa: E402
 from vllm.v1.sample.sampler import Sampler  # noqa: E402
 
 from app.engines.processors.vllm_processor import TransformersRulesProcessor  # noqa: E402
-from app.engines.vllm_engine import to_sampling_params  # noqa: E402
+from app.engines.vllm_engine import engine_eos_ids, to_sampling_params  # noqa: E402
 from param_mapping import SpecialTokens, to_generation_plan  # noqa: E402
 
 VOCAB = 48
@@ -313,3 +313,25 @@ def test_to_sampling_params_carries_rules_and_scores():
     params.extra_args["kaito_transformers_rules"]["colour"] = 1
     with pytest.raises(ValueError):
         TransformersRulesProcessor.validate_params(params)
+
+
+def test_min_length_goes_to_vllms_builtin_when_the_engine_bans_the_same_eos():
+    # The engine's own EOS ids: the tokenizer's and generation_config's (here 2 and [2, 9]).
+    llm = SimpleNamespace(
+        renderer=SimpleNamespace(get_eos_token_id=lambda: 2),
+        model_config=SimpleNamespace(try_get_generation_config=lambda: {"eos_token_id": [2, 9]}),
+    )
+    assert engine_eos_ids(llm) == {2, 9}
+
+    def params(kwargs, eos_ids):
+        spec = to_generation_plan(
+            kwargs, prompt_tokens=5, prefix_tokens=0, special=SPECIAL, max_model_len=512
+        ).sampling
+        return to_sampling_params(spec, vllm_eos_ids=eos_ids)
+
+    builtin = params({"min_new_tokens": 4, "eos_token_id": [2, 9]}, frozenset({2, 9}))
+    assert builtin.min_tokens == 4 and not builtin.extra_args
+    # The engine would also ban 9, which this client does not: our processor, vLLM's off.
+    ours = params({"min_new_tokens": 4, "eos_token_id": 2}, frozenset({2, 9}))
+    assert ours.min_tokens == 0
+    assert ours.extra_args["kaito_transformers_rules"]["eos_token_ids"] == [2]

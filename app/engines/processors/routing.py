@@ -8,10 +8,13 @@ first and the warpers in the order temperature -> top_k -> top_p -> typical_p. S
 
 - ``repetition_penalty``: ours, always (vLLM multiplies by 1/penalty where transformers
   divides: a last-bit difference that can flip a greedy tie). vLLM's is set to 1.
-- ``min_tokens``: ours. vLLM's built-in bans every id in its stop set, which also holds
-  the tokenizer's and generation_config's EOS ids even when the client named others,
-  and it keeps stop strings from matching before the minimum (transformers does not).
-  transformers' MinLength/MinNewTokens ban exactly the eos ids it was given.
+- ``min_tokens``: vLLM's built-in when it bans exactly what transformers would, ours
+  otherwise. transformers' MinLength/MinNewTokens ban exactly the eos ids it was given.
+  vLLM's built-in (one vectorised ban for the whole batch; ours is a Python step per
+  row) bans the request's stop ids plus the tokenizer's and generation_config's EOS ids
+  even when the client named others, and keeps stop strings from matching before the
+  minimum. So it is used only when the client's eos ids include every id vLLM adds and
+  there are no stop strings.
 - ``typical_p`` (sampling): ours, with the warpers before it (temperature, top_k,
   top_p), because vLLM would run its own after our processor. vLLM's temperature,
   top_k and top_p are set to neutral for that request.
@@ -45,11 +48,27 @@ RULE_KEYS = (
 )
 
 
-def processor_rules(spec: SamplingSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def vllm_min_tokens_agrees(spec: SamplingSpec, vllm_eos_ids: frozenset[int] | None) -> bool:
+    """Whether vLLM's built-in min_tokens bans exactly the client's eos ids.
+
+    ``vllm_eos_ids``: the ids vLLM adds to every request's stop set (the engine's
+    tokenizer and generation_config EOS ids); None when unknown.
+    """
+    return (
+        vllm_eos_ids is not None
+        and bool(spec.stop_token_ids)
+        and not spec.stop
+        and vllm_eos_ids <= set(spec.stop_token_ids)
+    )
+
+
+def processor_rules(
+    spec: SamplingSpec, vllm_eos_ids: frozenset[int] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(SamplingParams field overrides, extra_args) for one request.
 
     Both are empty when the request needs none of our rules: such requests never reach
-    the processor and pay nothing for it.
+    the processor and pay nothing for it. ``vllm_eos_ids``: see vllm_min_tokens_agrees.
     """
     extra = dict(spec.extra_args)
     given = {key: extra.pop(key) for key in RULE_KEYS if key in extra}
@@ -64,7 +83,7 @@ def processor_rules(spec: SamplingSpec) -> tuple[dict[str, Any], dict[str, Any]]
             rules[key] = given[key]
     if given.get("bad_words_ids"):
         rules["bad_words_ids"] = [list(word) for word in given["bad_words_ids"]]
-    if spec.min_tokens > 0:
+    if spec.min_tokens > 0 and not vllm_min_tokens_agrees(spec, vllm_eos_ids):
         overrides["min_tokens"] = 0
         if spec.stop_token_ids:  # transformers: no eos ids, no MinLength processor
             rules["min_new_tokens"] = spec.min_tokens
