@@ -314,9 +314,8 @@ class Run:
                 requests, concurrency, 300, 300, f"{key} warm-up c={concurrency}"
             )
 
-    async def start_system(self, key: str, tag: str) -> System:
+    async def start_system(self, system: System, key: str, tag: str) -> None:
         """Starts (or attaches to) one system and warms it up; stops it on failure."""
-        system = self.make(key)
         try:
             system.start(tag=tag)
             if system.startup_s is not None:
@@ -326,7 +325,6 @@ class Run:
         except BaseException:
             system.stop()
             raise
-        return system
 
     async def closed_level(self, system: System, key: str, rep: int, concurrency: int) -> None:
         counts, max_s, grace_s = self.bounds(key)
@@ -364,23 +362,22 @@ class Run:
 
     async def run_system(self, key: str, rep: int) -> None:
         """One repetition of one system: start, every level, stop."""
+        system = self.make(key)
         print(
-            f"\n[{rep + 1}/{self.profile.repeat}] {key}: {self.make(key).title}",
+            f"\n[{rep + 1}/{self.profile.repeat}] {key}: {system.title}",
             file=sys.stderr,
             flush=True,
         )
         t0 = time.monotonic()
-        system: System | None = None
         try:
-            system = await self.start_system(key, tag=f"rep{rep + 1}")
+            await self.start_system(system, key, tag=f"rep{rep + 1}")
             for concurrency in self.profile.levels:
                 await self.closed_level(system, key, rep, concurrency)
             await self.open_level(system, key, rep)
         except Exception as exc:
             self._failed(key, f"repetition {rep + 1}", exc)
         finally:
-            if system is not None:
-                system.stop()
+            system.stop()
             print(
                 f"  {key}: stopped ({time.monotonic() - t0:.0f}s in all)",
                 file=sys.stderr,
@@ -400,9 +397,11 @@ class Run:
         live: dict[str, System] = {}
         try:
             for key in self.profile.systems:
-                print(f"\n{key}: {self.make(key).title}", file=sys.stderr, flush=True)
+                system = self.make(key)
+                print(f"\n{key}: {system.title}", file=sys.stderr, flush=True)
                 try:
-                    live[key] = await self.start_system(key, tag="interleaved")
+                    await self.start_system(system, key, tag="interleaved")
+                    live[key] = system
                 except Exception as exc:
                     self._failed(key, "start-up", exc)
             for rep in range(self.profile.repeat):
