@@ -15,17 +15,14 @@ The wrappers cost a few microseconds per stage. The stage table explains the
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.systems import REPO, BenchConfig, free_port
+from bench.systems import BenchConfig, OurServer
 from bench.workload import Workload, chat_payload, load_prompts
 
 # (label, start mark, end mark): each stage is the time between two marks.
@@ -60,6 +57,7 @@ def serve(marks_path: str, argv: list[str]) -> int:
 
         async def wrapped(*args: Any, **kwargs: Any) -> Any:
             marks[before] = now()
+            marks["cpu_" + before] = time.thread_time()
             result = await original(*args, **kwargs)
             marks[after] = now()
             return result
@@ -102,14 +100,6 @@ def serve(marks_path: str, argv: list[str]) -> int:
 
     middleware.RequestIdMiddleware.__call__ = timed_call  # type: ignore[method-assign]
 
-    add_request = AsyncLLM.add_request
-
-    async def add_with_cpu(*args: Any, **kwargs: Any) -> Any:
-        marks["cpu_add_in"] = time.thread_time()
-        return await add_request(*args, **kwargs)
-
-    AsyncLLM.add_request = add_with_cpu  # type: ignore[method-assign]
-
     from app.__main__ import main
 
     return main(argv)
@@ -130,19 +120,17 @@ async def send_requests(url: str, bodies: list[dict[str, Any]]) -> list[float]:
     return latencies
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("server not healthy in time")
+class StagedServer(OurServer):
+    """Our server as the harness starts it (process group, health wait, clean-up), run
+    through ``serve`` so that it writes the stage marks."""
+
+    def __init__(self, config: BenchConfig, marks_path: str) -> None:
+        super().__init__(config)
+        self.marks_path = marks_path
+
+    def argv(self, port: int) -> list[str]:
+        python, _, _, *options = super().argv(port)  # python -m app <options>
+        return [python, "-m", "bench.stage_probe", "--serve", self.marks_path, *options]
 
 
 def report(rows: list[dict[str, Any]], latencies: list[float]) -> None:
@@ -181,26 +169,16 @@ def main() -> None:
         log_dir=Path(tempfile.mkdtemp(prefix="stage-probe-")),
     )
     marks_path = str(config.log_dir / "marks.jsonl")
-    port = free_port()
-    argv = [sys.executable, "-m", "bench.stage_probe", "--serve", marks_path]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--model", config.model]
-    argv += ["--kv-cache-space-gib", "1", "--log-level", "warning"]
-    if config.enforce_eager:
-        argv.append("--enforce-eager")
-    with open(config.log_dir / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env={**os.environ, **config.cpu_env()}, stdout=log, stderr=log
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, proc)
-            workload = Workload(load_prompts(), args.max_new_tokens)
-            requests = workload.requests("stage", args.warmup + args.requests)
-            bodies = [chat_payload(r) for r in requests]
-            latencies = asyncio.run(send_requests(url, bodies))
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    server = StagedServer(config, marks_path)
+    server.start("stage")
+    try:
+        assert server.url is not None
+        workload = Workload(load_prompts(), args.max_new_tokens)
+        requests = workload.requests("stage", args.warmup + args.requests)
+        bodies = [chat_payload(r) for r in requests]
+        latencies = asyncio.run(send_requests(server.url, bodies))
+    finally:
+        server.stop()
     rows = [json.loads(line) for line in Path(marks_path).read_text().splitlines()]
     report(rows[args.warmup :], latencies[args.warmup :])
 
