@@ -7,6 +7,7 @@ first word's leading space. transformers 5 decodes the new tokens alone; Kaito's
 saw the 4.x text, so that is what we reproduce.
 """
 
+from app import text_codec
 from app.engines.base import Tokenizer
 
 
@@ -20,8 +21,8 @@ class PipelineDecoder:
         self._prompt_chars = len(self._decode(prompt_token_ids))
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(
-            token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=self._clean_up
+        return text_codec.decode(
+            self._tokenizer, token_ids, skip_special_tokens=True, clean_up=self._clean_up
         )
 
     def new_text(self, output_token_ids: list[int]) -> str:

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from app import text_codec
 from app.chat_template import build_chat_prompt
 from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
@@ -99,15 +100,17 @@ class ChatService:
                 )
             messages = [m.model_dump() for m in request.messages]
             text = build_chat_prompt(tokenizer, messages, self.chat_template)
-            return tokenizer.encode(text, add_special_tokens=False), 0
+            return text_codec.encode(tokenizer, text, add_special_tokens=False), 0
         if not request.prompt:
             raise HTTPError(400, PROMPT_REQUIRED)
         # The pipeline tokenizes prefix + prompt with the tokenizer's default special
         # tokens, and measures the prefix alone without them (it adds that length to
         # max_length / min_length).
         prefix = request.prefix or ""
-        prompt_ids = tokenizer.encode(prefix + request.prompt)
-        prefix_tokens = len(tokenizer.encode(prefix, add_special_tokens=False)) if prefix else 0
+        prompt_ids = text_codec.encode(tokenizer, prefix + request.prompt)
+        prefix_tokens = (
+            len(text_codec.encode(tokenizer, prefix, add_special_tokens=False)) if prefix else 0
+        )
         return prompt_ids, prefix_tokens
 
     def _prepare(

@@ -1,0 +1,68 @@
+"""Encode and decode on the /chat hot path: the Rust tokenizer directly, when that is
+exactly what transformers would do.
+
+transformers 5's ``encode`` of one string makes a batch of one (``encode_batch``, which
+also computes every token's character offsets) and wraps the ids in a ``BatchEncoding``;
+its ``decode`` first walks every id in Python (``to_py_obj``). That was a third of our
+CPU per request (bench/NOTES.md, change 5). For a tokenizer whose class keeps
+transformers' own encode and decode, with no truncation or padding set on its Rust
+tokenizer, the direct calls give the same ids and text: the Rust call is the one
+transformers makes. Anything else (slow tokenizers, classes that override either step,
+clean-up of tokenization spaces) goes through transformers unchanged.
+tests/unit/test_text_codec.py holds the two paths equal on a byte-level BPE and a
+SentencePiece-style tokenizer.
+"""
+
+import functools
+from typing import Any
+
+
+@functools.cache
+def _keeps_transformers_steps(cls: type) -> bool:
+    """Whether this tokenizer class encodes and decodes with transformers' own code."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    if not issubclass(cls, TokenizersBackend):
+        return False
+    steps = ("encode", "_encode_plus", "decode", "_decode")
+    return all(getattr(cls, name) is getattr(TokenizersBackend, name) for name in steps)
+
+
+def _rust(tokenizer: Any) -> Any | None:
+    """The Rust tokenizer, when calling it directly is what transformers would do."""
+    if not _keeps_transformers_steps(type(tokenizer)):
+        return None
+    return tokenizer._tokenizer
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=...)``, with no padding or truncation."""
+    rust = _rust(tokenizer)
+    if (
+        rust is None
+        or rust.truncation is not None
+        or rust.padding is not None
+        # transformers sets this flag from split_special_tokens before every encode.
+        or rust.encode_special_tokens != bool(tokenizer.split_special_tokens)
+    ):
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[no-any-return]
+    # encode_batch_fast: the same ids as transformers' encode_batch, without the
+    # character offsets nobody here reads (a third of the Rust call for our prompts).
+    (encoding,) = rust.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+    return encoding.ids  # type: ignore[no-any-return]
+
+
+def decode(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool, clean_up: bool) -> str:
+    """``tokenizer.decode`` of a list of ids, with clean_up_tokenization_spaces=clean_up."""
+    rust = _rust(tokenizer)
+    if rust is None or clean_up:
+        # Clean-up has rules of its own in transformers 5 (skipped for BPE with a
+        # warning): leave them to it.
+        return tokenizer.decode(  # type: ignore[no-any-return]
+            token_ids,
+            skip_special_tokens=skip_special_tokens,
+            clean_up_tokenization_spaces=clean_up,
+        )
+    return rust.decode(token_ids, skip_special_tokens=skip_special_tokens)  # type: ignore[no-any-return]
