@@ -13,13 +13,20 @@ tests/unit/test_text_codec.py holds the two paths equal on a byte-level BPE and 
 SentencePiece-style tokenizer.
 """
 
-import functools
 from typing import Any
 
+# Per tokenizer class: whether it encodes and decodes with transformers' own code.
+_KEEPS_TRANSFORMERS_STEPS: dict[type, bool] = {}
 
-@functools.cache
+
 def _keeps_transformers_steps(cls: type) -> bool:
-    """Whether this tokenizer class encodes and decodes with transformers' own code."""
+    known = _KEEPS_TRANSFORMERS_STEPS.get(cls)
+    if known is None:
+        known = _KEEPS_TRANSFORMERS_STEPS[cls] = _check_steps(cls)
+    return known
+
+
+def _check_steps(cls: type) -> bool:
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:
