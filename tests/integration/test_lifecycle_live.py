@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +62,20 @@ def test_burst_past_the_admission_limit(small_server):
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
+    # Long enough to be still generating while the server drains, on a fast machine too
+    # (64 tokens once finished before the signal landed, and the drain ended at once).
+    new_tokens = 300
+
     async def scenario() -> tuple[list[httpx.Response], int, int]:
-        payload = {"prompt": "Tell a story:", "generate_kwargs": {"max_new_tokens": 64, "min_new_tokens": 64}}
+        payload = {"prompt": "Tell a story:",
+                   "generate_kwargs": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
         async with httpx.AsyncClient(timeout=300) as client:
             tasks = [asyncio.create_task(client.post(small_server.url + "/chat", json=payload))
                      for _ in range(ADMIT)]
-            await asyncio.sleep(3)  # admitted and generating
+            deadline = time.monotonic() + 60
+            while await asyncio.to_thread(metric, small_server.url, "vllm:num_requests_running") < ADMIT:
+                assert time.monotonic() < deadline, "the requests never all ran"
+                await asyncio.sleep(0.1)
             small_server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             health = (await client.get(small_server.url + "/health")).status_code
@@ -76,7 +85,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
     replies, health, late = asyncio.run(scenario())
     assert health == 503 and late == 503  # draining: not ready, admits nothing new
     assert [r.status_code for r in replies] == [200] * ADMIT
-    assert all(r.json()["usage"]["completion_tokens"] == 64 for r in replies)
+    assert all(r.json()["usage"]["completion_tokens"] == new_tokens for r in replies)
     assert small_server.proc.wait(timeout=60) == 0
 
 
