@@ -31,7 +31,7 @@ def token_texts(tokenizer: Tokenizer, context_ids: list[int], token_ids: list[in
     """
 
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text_codec.decode(tokenizer, ids, skip_special_tokens=False, clean_up=False)
 
     seq = list(context_ids[-6:])
     prefix_offset, read_offset = 0, len(seq)
