@@ -321,21 +321,28 @@ def to_generation_plan(
 
     do_sample = _bool(kw, "do_sample")
     temperature = _float(kw, "temperature")
-    top_k = _int(kw, "top_k", 0)
+    top_k = _int(kw, "top_k")
     top_p = _float(kw, "top_p")
     typical_p = _float(kw, "typical_p")
     repetition_penalty = _float(kw, "repetition_penalty")
     n = _int(kw, "num_return_sequences", 1)
 
-    if temperature < 0 or (do_sample and temperature == 0):
-        raise ParameterError(
-            _name("temperature"),
-            f"temperature must be a strictly positive float when sampling, got {temperature}.",
-        )
-    if not 0 < top_p <= 1:
-        raise ParameterError(_name("top_p"), f"top_p must be in (0, 1], got {top_p}.")
-    if not 0 < typical_p <= 1:
-        raise ParameterError(_name("typical_p"), f"typical_p must be in (0, 1], got {typical_p}.")
+    # The warpers' ranges are checked only when sampling: transformers builds no warper
+    # for greedy or plain beam search and ignores these values (a warning, not an error).
+    if do_sample:
+        if temperature <= 0:
+            raise ParameterError(
+                _name("temperature"),
+                f"temperature must be a strictly positive float when sampling, got {temperature}.",
+            )
+        if top_k < 0:
+            raise ParameterError(_name("top_k"), f"top_k must be >= 0 when sampling, got {top_k}.")
+        if not 0 < top_p <= 1:
+            raise ParameterError(_name("top_p"), f"top_p must be in (0, 1], got {top_p}.")
+        if not 0 < typical_p <= 1:
+            raise ParameterError(
+                _name("typical_p"), f"typical_p must be in (0, 1], got {typical_p}."
+            )
     if repetition_penalty <= 0:
         raise ParameterError(
             _name("repetition_penalty"),

@@ -67,6 +67,19 @@ def test_greedy_ignores_sampling_values():
     assert (s.temperature, s.top_k, s.top_p) == (0.0, 0, 1.0)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -1.0}, {"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
+     {"typical_p": 0.0}, {"typical_p": 2.0}, {"num_beams": 2, "top_p": 0}],
+)
+def test_greedy_and_plain_beams_ignore_out_of_range_warper_values(kwargs):
+    # transformers 5 generate(do_sample=False, ...) warns and ignores these (checked on
+    # the default model); only sampling builds the warpers that would reject them.
+    s = plan({"do_sample": False, **kwargs}).sampling
+    assert (s.temperature, s.top_k, s.top_p) == (0.0, 0, 1.0)
+    assert "typical_p" not in s.extra_args
+
+
 def test_sampling_values_pass_through():
     s = plan({"temperature": 0.7, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.3,
               "num_return_sequences": 3}).sampling
@@ -111,7 +124,7 @@ ERRORS = [
     ({"top_p": 0}, {}, "generate_kwargs.top_p", "(0, 1]"),
     ({"top_k": -1}, {}, "generate_kwargs.top_k", ">= 0"),
     ({"temperature": 0}, {}, "generate_kwargs.temperature", "strictly positive"),
-    ({"temperature": -1, "do_sample": False}, {}, "generate_kwargs.temperature", "strictly positive"),
+    ({"temperature": -1}, {}, "generate_kwargs.temperature", "strictly positive"),
     ({"temperature": math.nan}, {}, "generate_kwargs.temperature", "finite"),
     ({"repetition_penalty": 0}, {}, "generate_kwargs.repetition_penalty", "strictly positive"),
     ({"typical_p": 0}, {}, "generate_kwargs.typical_p", "(0, 1]"),
