@@ -2,7 +2,7 @@
 # (venv, packages, the default model) and skips what is already done.
 PYTHON ?= python3
 VENV ?= .venv
-PORT ?= 5000
+PORT ?= $(or $(KAITO_PORT),5000)
 PY := $(VENV)/bin/python
 
 .PHONY: serve test install install-test model lint bench bench-quick soak fuzz clean
