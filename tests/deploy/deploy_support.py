@@ -9,8 +9,8 @@ them, so CI cannot go green without rendering the manifests.
 import fnmatch
 import shlex
 import shutil
-import sys
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,26 @@ DOCKERFILE = REPO / "Dockerfile"
 GPU_OVERLAYS = ("mistral-7b", "mistral-7b-instruct")
 CPU_OVERLAYS = ("cpu",)
 OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
+
+# Validated against the schemas of the newest Kubernetes release the kubernetes-validate
+# package ships (offline, strict: unknown fields fail) and of the oldest release the
+# README supports (README.md#apply-an-overlay names both).
+KUBERNETES_VERSION = "1.37.0"
+OLDEST_KUBERNETES_VERSION = "1.30.0"
+
+# Where the image sends each cache (all under /cache): the ones that follow XDG and the
+# GPU ones that would otherwise land in HOME (FlashInfer's JIT kernels, the CUDA driver's
+# compute cache, Triton's ~/.triton).
+CACHE_VARS = (
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "VLLM_CACHE_ROOT",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "TRITON_HOME",
+    "FLASHINFER_WORKSPACE_BASE",
+    "CUDA_CACHE_PATH",
+)
 
 
 def kubectl() -> str:

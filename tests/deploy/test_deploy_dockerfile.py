@@ -109,6 +109,29 @@ def test_final_images_carry_no_build_stage(dockerfile: Dockerfile) -> None:
     assert not runtime.all("COPY"), "the runtime stage copies nothing from the repo"
 
 
+def test_build_only_work_stays_out_of_the_final_images(dockerfile: Dockerfile) -> None:
+    """What only the build needs does not reach the final images (README.md#build-the-image):
+    the venv comes from a stage that ran no model download or conversion, pip's cache is
+    a BuildKit cache mount (never in a layer) and pip's settings stay in the build stage."""
+    for target in TARGETS:
+        sources = {}
+        for copy in dockerfile.stage(target).all("COPY"):
+            words = copy.args.split()
+            sources[words[-1]] = words[0].removeprefix("--from=")
+        venv_runs = [r.args for s in dockerfile.lineage(sources["/opt/venv"]) for r in s.all("RUN")]
+        for run in venv_runs:
+            assert "hf download" not in run and "model_prep" not in run, (
+                f"{target}: the venv comes from a stage that downloads or converts the model"
+            )
+            if "scripts/install.sh" in run:
+                assert "--mount=type=cache,target=/root/.cache/pip" in run, (
+                    f"{target}: pip's cache must be a cache mount, not a layer"
+                )
+        assert "PIP_CACHE_DIR" not in dockerfile.env(target), target
+        model_stage = dockerfile.stage(sources["/opt/model"])
+        assert any("/opt/model" in r.args for r in model_stage.all("RUN")), target
+
+
 def test_build_context_has_what_the_dockerfile_copies(
     dockerfile: Dockerfile, dockerignore: list[str]
 ) -> None:

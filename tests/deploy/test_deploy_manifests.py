@@ -18,19 +18,17 @@ from yamllint.config import YamlLintConfig
 
 from app.settings import Settings
 from tests.deploy.deploy_support import (
+    CACHE_VARS,
     CPU_OVERLAYS,
     GPU_OVERLAYS,
+    KUBERNETES_VERSION,
     MANIFESTS,
+    OLDEST_KUBERNETES_VERSION,
     REPO,
     Dockerfile,
     Rendered,
 )
 
-# Validated against the schemas of this Kubernetes release (offline, from the
-# kubernetes-validate package, strict: unknown fields fail) and of the oldest release
-# docs/DEPLOY.md supports.
-KUBERNETES_VERSION = "1.33.0"
-OLDEST_KUBERNETES_VERSION = "1.30.0"
 SERVICEMONITOR_SCHEMA = Path(__file__).parent / "schemas" / "servicemonitor-monitoring-v1.json"
 
 # Kaito's operator gives a model 30 minutes to load.
@@ -51,6 +49,9 @@ OTHER_ENV = {
     "DO_NOT_TRACK": "no telemetry (vLLM and others honour it)",
     "TORCHINDUCTOR_CACHE_DIR": "torch.compile's cache",
     "TRITON_CACHE_DIR": "Triton's kernel cache (GPU)",
+    "TRITON_HOME": "Triton's ~/.triton (dump and override dirs)",
+    "FLASHINFER_WORKSPACE_BASE": "FlashInfer's JIT cache (it appends .cache/flashinfer)",
+    "CUDA_CACHE_PATH": "the CUDA driver's compute cache (default ~/.nv/ComputeCache)",
     "OMP_NUM_THREADS": "OpenMP threads of vLLM's CPU backend",
     "NVIDIA_DRIVER_CAPABILITIES": "NVIDIA container toolkit: which driver libraries to mount",
     "PIP_CACHE_DIR": "build stage only: pip's cache mount",
@@ -253,7 +254,7 @@ def test_gpu_overlays_request_one_gpu(renders: list[Rendered], dockerfile: Docke
         env = effective_env(r, dockerfile)
         assert env["KAITO_DEVICE"] == "cuda", r.id
         # vLLM 0.32 defaults to Model Runner V2 on GPUs, which rejects the server's
-        # V1-interface logits processors (shared/NOTES.md).
+        # V1-interface logits processors (manifests/base/kustomization.yaml says so).
         assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0", r.id
 
 
@@ -380,26 +381,28 @@ def test_image_runs_as_the_manifests_user(renders: list[Rendered], dockerfile: D
 def test_every_path_the_server_writes_is_a_volume(
     renders: list[Rendered], dockerfile: Dockerfile
 ) -> None:
-    """The root filesystem is read-only: HOME, the hub cache, vLLM's and torch.compile's
-    caches and /tmp must be on volumes."""
-    writable_vars = (
-        "HOME",
-        "XDG_CACHE_HOME",
-        "HF_HOME",
-        "VLLM_CACHE_ROOT",
-        "TORCHINDUCTOR_CACHE_DIR",
-        "TRITON_CACHE_DIR",
-    )
+    """The root filesystem is read-only: HOME, every cache and /tmp must be on volumes.
+    And HOME is a small emptyDir (a pod that outgrows it is evicted), so every cache,
+    including the GPU ones that ignore XDG_CACHE_HOME and default to ~, goes to the
+    cache volume."""
     for r in renders:
         mounts = [m["mountPath"].rstrip("/") for m in r.container["volumeMounts"]]
         env = effective_env(r, dockerfile)
-        paths = {name: env[name] for name in writable_vars} | {"tmp": "/tmp", "shm": "/dev/shm"}
+        paths = {"HOME": env["HOME"]} | {name: env[name] for name in CACHE_VARS}
+        paths |= {"tmp": "/tmp", "shm": "/dev/shm"}
         for name, path in paths.items():
             assert any(path == m or path.startswith(m + "/") for m in mounts), (
                 f"{r.id}: {name}={path} is on the read-only root filesystem"
             )
             mount = next(m for m in r.container["volumeMounts"] if path.startswith(m["mountPath"]))
             assert not mount.get("readOnly"), f"{r.id}: {path} is mounted read-only"
+        (cache_mount,) = [m for m in r.container["volumeMounts"] if m["name"] == "cache"]
+        for name in CACHE_VARS:
+            assert (env[name] + "/").startswith(cache_mount["mountPath"].rstrip("/") + "/"), (
+                f"{r.id}: {name}={env[name]} is not on the cache volume"
+            )
+        home = next(v for v in r.pod["volumes"] if v["name"] == "home")
+        assert "sizeLimit" in home["emptyDir"], f"{r.id}: HOME's size is what makes this matter"
 
 
 def test_model_cache_component_uses_the_claim(renders: list[Rendered]) -> None:

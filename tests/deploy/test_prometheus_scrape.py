@@ -1,11 +1,20 @@
-"""A real Prometheus scrapes the running server the way the manifests tell it to (the
-pod's prometheus.io/* annotations; the ServiceMonitor says the same) and finds vLLM's
-engine metrics and the server's request counter.
+"""A real Prometheus scrapes the running server the way the manifests tell it to, and
+finds the server's request counter for a real POST /chat and vLLM's engine metrics.
+
+The scrape job is Prometheus' usual `kubernetes-pods` job (its example
+prometheus-kubernetes.yml): the relabel rules keep a pod whose prometheus.io/scrape
+annotation is "true" and take the metrics path and port from prometheus.io/path and
+prometheus.io/port. No cluster here, so the pod is a static target carrying the
+`__meta_kubernetes_pod_*` labels Kubernetes service discovery would give it, with the
+values of the rendered manifest. Two departures from the pod, both in `scrape_config`:
+the server under test listens on a random loopback port, not the annotation's 5000 (one
+relabel rule at the end maps that address), and the job scrapes every second.
 
 Needs Debian's `prometheus` binary (`apt-get install -y prometheus`); it listens on
 loopback only, keeps its data in a temporary directory and is killed at the end.
 """
 
+import re
 import shutil
 import socket
 import subprocess
@@ -23,10 +32,45 @@ from tests.deploy.deploy_support import Rendered
 
 pytestmark = pytest.mark.integration
 
+JOB = "kubernetes-pods"
 SCRAPE_INTERVAL = "1s"
 WAIT_S = 60
-ENGINE_METRIC = "vllm:num_requests_running"
-SERVER_METRIC = "kaito_requests_total"
+# Where the pod serves (its container port and its annotation) and where the test
+# server does: loopback, as the fixture started it.
+POD_IP = "127.0.0.1"
+
+# Prometheus' kubernetes-pods job, as its example configuration has it.
+KUBERNETES_PODS_RELABEL = [
+    {
+        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+        "action": "keep",
+        "regex": "true",
+    },
+    {
+        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
+        "action": "replace",
+        "target_label": "__metrics_path__",
+        "regex": "(.+)",
+    },
+    {
+        "source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
+        "action": "replace",
+        "regex": r"([^:]+)(?::\d+)?;(\d+)",
+        "replacement": "$1:$2",
+        "target_label": "__address__",
+    },
+    {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)"},
+    {
+        "source_labels": ["__meta_kubernetes_namespace"],
+        "action": "replace",
+        "target_label": "kubernetes_namespace",
+    },
+    {
+        "source_labels": ["__meta_kubernetes_pod_name"],
+        "action": "replace",
+        "target_label": "kubernetes_pod_name",
+    },
+]
 
 
 def free_port() -> int:
@@ -35,36 +79,69 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape_config(renders: list[Rendered], target: str) -> dict[str, Any]:
-    """The scrape job the manifests ask for, aimed at `target` (host:port) instead of
-    the pod: their metrics path and scheme, every second instead of every 15."""
-    paths = set()
-    for r in renders:
-        annotations = r.deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/scrape"] == "true", r.id
-        paths.add(annotations.get("prometheus.io/path", "/metrics"))
-        for monitor in r.of_kind("ServiceMonitor"):
-            paths |= {e.get("path", "/metrics") for e in monitor["spec"]["endpoints"]}
-    (path,) = paths  # every overlay and the ServiceMonitor agree
+def sanitize(name: str) -> str:
+    """A Kubernetes label or annotation name as service discovery writes it into a
+    Prometheus label name: every character outside [a-zA-Z0-9_] becomes `_`."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def pod_target(r: Rendered) -> dict[str, Any]:
+    """The target Kubernetes service discovery would make of one of this Deployment's
+    pods: its IP and container port, and its labels and annotations as meta labels."""
+    template = r.deployment["spec"]["template"]
+    (port,) = r.container["ports"]
+    labels = {
+        "__meta_kubernetes_namespace": "default",
+        "__meta_kubernetes_pod_name": f"{r.deployment['metadata']['name']}-0",
+        "__meta_kubernetes_pod_container_name": r.container["name"],
+        "__meta_kubernetes_pod_container_port_name": port["name"],
+        "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+    }
+    for key, value in template["metadata"].get("annotations", {}).items():
+        labels[f"__meta_kubernetes_pod_annotation_{sanitize(key)}"] = value
+        labels[f"__meta_kubernetes_pod_annotationpresent_{sanitize(key)}"] = "true"
+    for key, value in template["metadata"].get("labels", {}).items():
+        labels[f"__meta_kubernetes_pod_label_{sanitize(key)}"] = value
+    return {"targets": [f"{POD_IP}:{port['containerPort']}"], "labels": labels}
+
+
+def scrape_config(r: Rendered, server_port: int) -> dict[str, Any]:
+    """The kubernetes-pods job over this manifest's pod, every second."""
+    annotations = r.deployment["spec"]["template"]["metadata"]["annotations"]
+    annotated = f"{POD_IP}:{annotations['prometheus.io/port']}"
+    # The one change for the test: the address the annotation gives is where the pod
+    # serves; the test server is on a random port. Only that exact address is mapped,
+    # so an annotation with a port the server does not use fails to scrape.
+    to_test_server = {
+        "source_labels": ["__address__"],
+        "action": "replace",
+        "regex": re.escape(annotated),
+        "replacement": f"{POD_IP}:{server_port}",
+        "target_label": "__address__",
+    }
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "scrape_configs": [
             {
-                "job_name": "kaito-chat",
-                "scheme": "http",
-                "metrics_path": path,
+                "job_name": JOB,
                 "scrape_interval": SCRAPE_INTERVAL,
                 "scrape_timeout": SCRAPE_INTERVAL,
-                "static_configs": [{"targets": [target]}],
+                "static_configs": [pod_target(r)],
+                "relabel_configs": [*KUBERNETES_PODS_RELABEL, to_test_server],
             }
         ],
     }
 
 
 @pytest.fixture
-def prometheus(
-    renders: list[Rendered], server_url: str, tmp_path: Path
-) -> Iterator[tuple[str, Path]]:
+def cpu_render(renders: list[Rendered]) -> Rendered:
+    """The overlay the test server stands for (the CPU image's default model); every
+    overlay has the same annotations (test_deploy_manifests checks)."""
+    return next(r for r in renders if r.name == "cpu" and not r.components)
+
+
+@pytest.fixture
+def prometheus(cpu_render: Rendered, server_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A Prometheus scraping the server; yields its base URL and log file."""
     binary = shutil.which("prometheus")
     if binary is None:
@@ -73,9 +150,9 @@ def prometheus(
             "against the server (Debian: `apt-get install -y prometheus`)"
         )
     server = urlsplit(server_url)
-    assert server.hostname in {"127.0.0.1", "localhost", "::1"}, "loopback only"
+    assert server.hostname == POD_IP and server.port, "loopback only"
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(renders, server.netloc)))
+    config.write_text(yaml.safe_dump(scrape_config(cpu_render, server.port), sort_keys=False))
     port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("w") as log_file:
@@ -111,15 +188,22 @@ def query(base: str, promql: str) -> list[dict[str, Any]]:
 
 
 def test_prometheus_scrapes_engine_and_server_metrics(
-    prometheus: tuple[str, Path], server_url: str
+    prometheus: tuple[str, Path], server_url: str, cpu_render: Rendered
 ) -> None:
     base, log = prometheus
-    # The request counter has labels: it has a sample once the server has answered.
-    httpx.get(server_url + "/", timeout=10).raise_for_status()
+    # One real generation: it counts in our request counter and in vLLM's token counters.
+    reply = httpx.post(
+        server_url + "/chat",
+        json={"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 4, "do_sample": False}},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
     wanted = {
-        "up": 'up{job="kaito-chat"} == 1',
-        ENGINE_METRIC: ENGINE_METRIC,
-        SERVER_METRIC: SERVER_METRIC,
+        "up": f'up{{job="{JOB}"}} == 1',
+        "chat requests": (
+            f'kaito_requests_total{{job="{JOB}",route="/chat",method="POST",status="200"}} > 0'
+        ),
+        "generated tokens": f'vllm:generation_tokens_total{{job="{JOB}"}} > 0',
     }
     found: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + WAIT_S
@@ -137,4 +221,12 @@ def test_prometheus_scrapes_engine_and_server_metrics(
         f"Prometheus did not get {missing} from {server_url} within {WAIT_S}s "
         f"(last error: {last_error or 'none'}); its log:\n{log.read_text()[-3000:]}"
     )
-    assert all(s["metric"]["job"] == "kaito-chat" for s in found[SERVER_METRIC])
+    # The relabelling really ran: the pod's labels reached the series, and the metrics
+    # path is the annotation's.
+    (sample,) = found["chat requests"]
+    pod_labels = cpu_render.deployment["spec"]["template"]["metadata"]["labels"]
+    for key, value in pod_labels.items():
+        assert sample["metric"][sanitize(key)] == value, sample["metric"]
+    (target,) = httpx.get(f"{base}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    annotations = cpu_render.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert urlsplit(target["scrapeUrl"]).path == annotations["prometheus.io/path"], target
