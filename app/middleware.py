@@ -29,6 +29,11 @@ class RequestIdMiddleware:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+        if request_id != given:
+            # Downstream reads the id from the header too (vLLM's OpenAI layer names its
+            # engine requests after it): let it see the one we echo and log.
+            headers = [h for h in scope["headers"] if h[0] != b"x-request-id"]
+            scope = {**scope, "headers": [*headers, (b"x-request-id", request_id.encode())]}
         token = request_id_var.set(request_id)
         status = 500
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from tests.api.conftest import FakeEngine
 class FakeOpenAIServer:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.request_ids: list[str | None] = []  # the header vLLM's layer names requests by
         self.delay = 0.0
         self.closed = 0
 
@@ -29,6 +30,7 @@ class FakeOpenAIServer:
 
     async def completions(self, body: dict[str, Any], raw: Any) -> Any:
         self.bodies.append(body)
+        self.request_ids.append(raw.headers.get("X-Request-Id"))
         if body.get("max_tokens") == -1:
             raise ParameterError("max_tokens", "max_tokens must be at least 1, got -1.")
         if body.get("stream"):
@@ -177,3 +179,16 @@ def test_metrics_label_the_routes(oengine):
         c.post("/v1/chat/completions", json={"model": "m", "messages": []})
         text = c.get("/metrics").text
     assert 'route="/v1/chat/completions"' in text
+
+
+def test_vllms_layer_sees_the_request_id_we_echo(oengine):
+    # vLLM's OpenAI layer names its engine request (and the reply's id) after the
+    # X-Request-Id header: it must be the one we log and echo, never an unsafe one.
+    body = {"model": "m", "prompt": "x", "max_tokens": 1}
+    with client_for(oengine) as c:
+        given = c.post("/v1/completions", json=body, headers={"X-Request-Id": "req-7"})
+        made = c.post("/v1/completions", json=body)
+        odd = c.post("/v1/completions", json=body, headers={"X-Request-Id": "bad id\n"})
+    assert oengine.openai.request_ids[0] == given.headers["x-request-id"] == "req-7"
+    assert oengine.openai.request_ids[1] == made.headers["x-request-id"]
+    assert oengine.openai.request_ids[2] == odd.headers["x-request-id"] != "bad id\n"
