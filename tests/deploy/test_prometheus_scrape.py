@@ -107,15 +107,15 @@ def pod_target(r: Rendered) -> dict[str, Any]:
 
 def scrape_config(r: Rendered, server_port: int) -> dict[str, Any]:
     """The kubernetes-pods job over this manifest's pod, every second."""
-    annotations = r.deployment["spec"]["template"]["metadata"]["annotations"]
-    annotated = f"{POD_IP}:{annotations['prometheus.io/port']}"
-    # The one change for the test: the address the annotation gives is where the pod
-    # serves; the test server is on a random port. Only that exact address is mapped,
-    # so an annotation with a port the server does not use fails to scrape.
+    (port,) = r.container["ports"]
+    serving = f"{POD_IP}:{port['containerPort']}"
+    # The one change for the test: the pod serves on its container port; the test
+    # server is on a random one. Only that exact address is mapped, so an annotation
+    # naming another port than the container's fails to scrape.
     to_test_server = {
         "source_labels": ["__address__"],
         "action": "replace",
-        "regex": re.escape(annotated),
+        "regex": re.escape(serving),
         "replacement": f"{POD_IP}:{server_port}",
         "target_label": "__address__",
     }

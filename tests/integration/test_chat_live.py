@@ -97,6 +97,12 @@ def test_greedy_matches_transformers(server_url, reference, hf_tokenizer, prompt
     expected = PipelineDecoder(hf_tokenizer, prompt_ids, clean_up=False).new_text(expected_ids)
     assert r.json()["Result"] == expected
     assert r.json()["usage"]["completion_tokens"] == len(expected_ids)
+    # Token for token: the ids themselves, which the reply carries with output_scores.
+    r = chat(server_url, {"prompt": prompt, "return_full_text": False,
+                          "generate_kwargs": {"do_sample": False, "max_new_tokens": new_tokens,
+                                              "output_scores": True}})
+    assert r.status_code == 200, r.text
+    assert [t["id"] for t in r.json()["sequences"][0]["tokens"]] == expected_ids
 
 
 def test_greedy_with_repetition_penalty_matches_transformers(server_url, reference, hf_tokenizer):

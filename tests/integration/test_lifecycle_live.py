@@ -1,13 +1,16 @@
-"""Servers of their own (they are overloaded, drained or killed): admission under a burst,
+"""Servers of their own (they are overloaded, drained or killed, or serve a model whose
+generation_config.json must be ignored): admission under a burst, the generation config,
 SIGTERM while requests run, and the death of the engine process."""
 
 import asyncio
+import json
 import signal
 import time
 
 import httpx
 import psutil
 import pytest
+import torch
 
 from tests.conftest import ServerProcess
 from tests.integration.scrape import metric
@@ -30,10 +33,37 @@ def post_many(url: str, n: int, new_tokens: int) -> list[httpx.Response | Except
     return asyncio.run(run())
 
 
+GREEDY_PROMPT = "The capital of France is"
+
+
 @pytest.fixture(scope="module")
-def small_server(model_dir, tmp_path_factory):
+def hostile_model(model_dir, tmp_path_factory, hf_model, hf_tokenizer):
+    """The default model with a generation_config.json that would change /chat's replies
+    if it were applied (Kaito's request defaults must always win), and the reference
+    greedy ids from transformers on the untouched model."""
+    ids = hf_tokenizer(GREEDY_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=24, pad_token_id=hf_tokenizer.eos_token_id)
+    reference = out[0, ids.shape[1]:].tolist()
+    copy = tmp_path_factory.mktemp("hostile-generation-config")
+    for f in model_dir.iterdir():
+        if f.name != "generation_config.json":
+            (copy / f.name).symlink_to(f)
+    (copy / "generation_config.json").write_text(json.dumps({
+        # The third reference token as an extra EOS: applying it would end greedy early.
+        "eos_token_id": [hf_tokenizer.eos_token_id, reference[2]],
+        "bos_token_id": hf_tokenizer.bos_token_id,
+        "do_sample": True, "temperature": 0.01, "top_k": 1, "top_p": 0.1,
+        "repetition_penalty": 2.0, "max_new_tokens": 3, "max_length": 8,
+    }))
+    return copy, reference
+
+
+@pytest.fixture(scope="module")
+def small_server(hostile_model, tmp_path_factory):
     server = ServerProcess(
-        ["--enforce-eager", "--model", str(model_dir), "--max-model-len", "512",
+        ["--enforce-eager", "--model", str(hostile_model[0]), "--max-model-len", "512",
          "--max-concurrent-requests", str(ADMIT), "--shutdown-grace-seconds", "120"],
         tmp_path_factory.mktemp("small") / "server.log",
     )
@@ -59,6 +89,22 @@ def test_burst_past_the_admission_limit(small_server):
         else:
             assert r.headers["retry-after"] == "1"
     assert httpx.get(small_server.url + "/health").status_code == 200
+
+
+def test_the_models_generation_config_never_overrides_a_request(small_server, hostile_model):
+    reference = hostile_model[1]
+    r = httpx.post(small_server.url + "/chat", timeout=120, json={
+        "prompt": GREEDY_PROMPT, "return_full_text": False,
+        "generate_kwargs": {"do_sample": False, "max_new_tokens": 24, "output_scores": True}})
+    assert r.status_code == 200, r.text
+    # Not cut at the file's extra EOS or max_new_tokens, no repetition penalty 2.0.
+    assert [t["id"] for t in r.json()["sequences"][0]["tokens"]] == reference
+    # Kaito's sampling defaults (top_k 10, temperature 1), not the file's near-greedy ones.
+    r = httpx.post(small_server.url + "/chat", timeout=120, json={
+        "prompt": GREEDY_PROMPT,
+        "generate_kwargs": {"num_return_sequences": 4, "max_new_tokens": 16}})
+    assert r.status_code == 200, r.text
+    assert len({s["text"] for s in r.json()["sequences"]}) > 1
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
