@@ -7,8 +7,10 @@ layer and its tests load without it.
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.engines.base import (
@@ -45,12 +47,43 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
     # One logits-processor interface everywhere: Model Runner V2 (a GPU default in
     # 0.32) rejects V1-interface processors, and CPU only has V1 (../shared/NOTES.md).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # vLLM gives its loggers a handler and level of their own (INFO unless this is set),
+    # in the engine-core process too: our root logger's level would not reach them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
     if not on_gpu:
         # vLLM reserves a core for the frontend by default; on small machines using
         # every core for compute doubled throughput (NOTES.md).
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup CPU quota.
+
+    In a Kubernetes pod with a CPU limit, os.cpu_count() is the node's core count;
+    that many OpenMP threads on a few cores' quota are throttled to a crawl.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus or 1, max(1, math.ceil(quota)))
+    return cpus or 1
+
+
+def _cgroup_cpu_quota(root: str) -> float | None:
+    """The CPU limit in cores (cgroup v2 cpu.max, else v1 cfs quota); None if unlimited."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]  # v2: "max 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path(root, "cpu", "cpu.cfs_quota_us").read_text())
+        period_us = int(Path(root, "cpu", "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def to_sampling_params(

@@ -1,0 +1,116 @@
+"""How the vLLM engine is set up, without starting it: the environment the engine core
+reads, the engine arguments, and the settings from env vars and flags."""
+
+import os
+
+import pytest
+
+from app.engines.vllm_engine import VLLMEngine, configure_vllm_environment, usable_cpus
+from app.settings import Settings, load_settings
+
+ENGINE_ENV = (
+    "VLLM_USE_V2_MODEL_RUNNER", "VLLM_LOGGING_LEVEL", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_cpu_environment(clean_env):
+    configure_vllm_environment(Settings(kv_cache_space_gib=3, log_level="warning"), on_gpu=False)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["OMP_NUM_THREADS"] == str(usable_cpus())
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_gpu_environment_leaves_the_cpu_knobs_alone(clean_env):
+    configure_vllm_environment(Settings(), on_gpu=True)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "INFO"
+    assert not {"OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE"} & set(os.environ)
+
+
+def test_an_operators_environment_wins(clean_env):
+    clean_env.setenv("OMP_NUM_THREADS", "7")
+    clean_env.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    configure_vllm_environment(Settings(), on_gpu=False)
+    assert (os.environ["OMP_NUM_THREADS"], os.environ["VLLM_LOGGING_LEVEL"]) == ("7", "DEBUG")
+
+
+@pytest.mark.parametrize(
+    ("files", "expected_at_most"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: round up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+    ],
+)
+def test_usable_cpus_honours_a_containers_cpu_limit(tmp_path, files, expected_at_most):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(tmp_path)) == min(affinity, expected_at_most)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"cpu.max": "max 100000\n"},
+        {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+        {},
+    ],
+)
+def test_usable_cpus_without_a_limit_is_the_affinity_set(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert usable_cpus(str(tmp_path)) == len(os.sched_getaffinity(0))
+
+
+def test_engine_args():
+    engine = VLLMEngine(Settings(model="/models/m", max_model_len=4096, enforce_eager=True))
+    cpu, gpu = engine.engine_args(on_gpu=False), engine.engine_args(on_gpu=True)
+    # No bf16 kernels on AVX2 machines: float32 on CPU, the model's own dtype on a GPU.
+    assert (cpu["dtype"], gpu["dtype"]) == ("float32", "auto")
+    assert VLLMEngine(Settings(dtype="bfloat16")).engine_args(on_gpu=False)["dtype"] == "bfloat16"
+    # Stats on: vLLM's vllm:* metrics live in this process's registry for /metrics.
+    assert cpu["disable_log_stats"] is False
+    assert (cpu["model"], cpu["max_model_len"], cpu["enforce_eager"]) == ("/models/m", 4096, True)
+    assert cpu["logits_processors"] and cpu["logprobs_mode"] == "processed_logprobs"
+
+
+SETTINGS = [
+    # (field, env value, flag, flag value, parsed)
+    ("model", "/a", "--model", "/b", ("/a", "/b")),
+    ("dtype", "float16", "--dtype", "bfloat16", ("float16", "bfloat16")),
+    ("max_model_len", "1024", "--max-model-len", "2048", (1024, 2048)),
+    ("kv_cache_space_gib", "4", "--kv-cache-space-gib", "8", (4.0, 8.0)),
+    ("gpu_memory_utilization", "0.5", "--gpu-memory-utilization", "0.8", (0.5, 0.8)),
+    ("tensor_parallel_size", "2", "--tensor-parallel-size", "4", (2, 4)),
+    ("enforce_eager", "true", "--enforce-eager", None, (True, True)),
+    ("host", "127.0.0.1", "--host", "0.0.0.0", ("127.0.0.1", "0.0.0.0")),
+    ("port", "6000", "--port", "7000", (6000, 7000)),
+    ("log_level", "debug", "--log-level", "error", ("debug", "error")),
+]
+
+
+@pytest.mark.parametrize(("field", "env", "flag", "flag_value", "parsed"), SETTINGS)
+def test_each_setting_from_env_and_from_its_flag_which_wins(
+    monkeypatch, field, env, flag, flag_value, parsed
+):
+    monkeypatch.setenv(f"KAITO_{field.upper()}", env)
+    assert getattr(load_settings([]), field) == parsed[0]
+    argv = [flag] if flag_value is None else [flag, flag_value]
+    assert getattr(load_settings(argv), field) == parsed[1]
+
+
+def test_default_port_is_kaitos():
+    assert Settings().port == 5000
