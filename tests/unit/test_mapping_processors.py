@@ -99,7 +99,7 @@ ERRORS = [
     ({"remove_invalid_values": "yes"}, {}, "remove_invalid_values", "true or false"),
     ({"remove_invalid_values": 1}, {}, "remove_invalid_values", "true or false"),
     ({"typical_p": 1.5}, {}, "typical_p", "(0, 1]"),
-    ({"typical_p": -0.1, "do_sample": False}, {}, "typical_p", "(0, 1]"),
+    ({"typical_p": -0.1}, {}, "typical_p", "(0, 1]"),
     ({"typical_p": "high"}, {}, "typical_p", "number"),
     ({"bad_words_ids": [[1, [2]]]}, {}, "bad_words_ids", "token ids"),
     ({"bad_words_ids": [[[1]]]}, {}, "bad_words_ids", "token ids"),
