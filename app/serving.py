@@ -10,6 +10,7 @@ from app import text_codec
 from app.chat_template import build_chat_prompt
 from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
+from app.logs import request_id_var
 from app.metrics import BACKEND_REQUESTS
 from app.pipeline_text import PipelineDecoder
 from app.schemas import ChatRequest, ChatResponse, Sequence, TokenScore, Usage
@@ -66,7 +67,10 @@ def _scores(tokenizer: Tokenizer, prompt_ids: list[int], seq: GeneratedSequence)
 
 
 def new_request_id() -> str:
-    return f"chat-{uuid.uuid4().hex}"
+    """The engine's id for one /chat request: named after its X-Request-Id, so vLLM's
+    log lines and ours meet, plus a suffix, because the engine aborts by id and two
+    clients may send the same X-Request-Id."""
+    return f"chat-{request_id_var.get()}-{uuid.uuid4().hex[:8]}"
 
 
 class ChatService:

@@ -162,6 +162,17 @@ def test_request_id_is_accepted_or_made_and_echoed(client):
     assert odd.headers["x-request-id"] != "bad id\twith spaces"
 
 
+def test_the_engine_request_is_named_after_the_request_id(client, engine):
+    # vLLM logs the engine's id: named after X-Request-Id, and unique when ids repeat.
+    for _ in range(2):
+        client.post("/chat", json={"prompt": "hi"}, headers={"X-Request-Id": "abc-123"})
+    first, second = (r.request_id for r in engine.requests[-2:])
+    assert first.startswith("chat-abc-123-") and second.startswith("chat-abc-123-")
+    assert first != second
+    made = client.post("/chat", json={"prompt": "hi"})
+    assert engine.last.request_id.startswith(f"chat-{made.headers['x-request-id']}-")
+
+
 def test_json_logs_carry_the_request_id_and_never_the_prompt(engine, capsys):
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
