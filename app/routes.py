@@ -13,7 +13,7 @@ from app.auth import require_api_key
 from app.errors import HTTPError
 from app.schemas import ChatRequest, ChatResponse, ErrorResponse
 from app.serving import ChatService, new_request_id
-from app.streaming import chat_error_event, chat_sse, open_stream
+from app.streaming import DisconnectWatch, chat_error_event, chat_sse, open_stream
 
 T = TypeVar("T")
 
@@ -24,17 +24,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorResponse, "description": "API key required (when KAITO_API_KEY is set)."},
     413: {"model": ErrorResponse, "description": "Request body too large."},
     429: {"model": ErrorResponse, "description": "Too many requests in flight; see Retry-After."},
-    503: {"model": ErrorResponse, "description": "The engine is loading, down, or the server is draining."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The engine is loading, down, or the server is draining.",
+    },
     504: {"model": ErrorResponse, "description": "Generation exceeded the request timeout."},
 }
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def run_generation(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
@@ -52,33 +47,20 @@ async def run_generation(request: Request, work: Coroutine[Any, Any, T]) -> T | 
     try:
         async with admission.admit():
             # The work runs in this task, not a task of its own (a task and two switches
-            # less per request: bench/NOTES.md, change 5); the watcher cancels this task
+            # less per request: bench/NOTES.md, change 5); the watch cancels this task
             # if the client goes away.
-            this_task = asyncio.current_task()
-            assert this_task is not None
-            client_gone = False
-
-            async def cancel_on_disconnect() -> None:
-                nonlocal client_gone
-                await _until_disconnect(request)
-                client_gone = True
-                this_task.cancel()
-
-            watcher = asyncio.ensure_future(cancel_on_disconnect())
+            watch = DisconnectWatch(request)
             try:
-                async with asyncio.timeout(timeout):
+                async with watch, asyncio.timeout(timeout):
                     return await work
             except asyncio.CancelledError:
-                if not client_gone:
+                if not watch.client_gone:
                     raise  # the server is stopping: not ours to swallow
-                this_task.uncancel()
                 return None
             except TimeoutError:
                 raise HTTPError(
                     504, f"Generation took longer than {timeout:g} s and was aborted."
                 ) from None
-            finally:
-                watcher.cancel()
     finally:
         # If admission refused, the coroutine never ran: close it quietly.
         work.close()

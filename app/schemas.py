@@ -63,7 +63,7 @@ class ChatRequest(BaseModel):
     handle_long_generation: str | None = Field(None, description='null, or "hole" to drop the oldest prompt tokens when prompt + new tokens exceed the model length.')
     generate_kwargs: GenerateKwargs | None = Field(None, description="transformers generate arguments; absent means Kaito's defaults.")
     messages: list[ChatMessage] | None = Field(None, description="Conversation, instead of prompt: the model's chat template builds the prompt (with the generation prompt) and Result is the assistant's reply only (docs/STREAMING.md).")
-    stream: bool = Field(False, description="Answer with server-sent events: one per token, then the final result, then [DONE] (docs/STREAMING.md).")
+    stream: bool | None = Field(False, description="Answer with server-sent events: one per token, then the final result, then [DONE] (docs/STREAMING.md); null means false.")
 
     def generate_kwargs_given(self) -> dict[str, Any]:
         """Only what the client sent (extras included); the mapping adds the defaults."""

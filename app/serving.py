@@ -26,27 +26,13 @@ def token_texts(tokenizer: Tokenizer, context_ids: list[int], token_ids: list[in
     """Each token's text, decoded the incremental way vLLM and TGI do.
 
     Decoding one token alone loses word boundaries (SentencePiece) and splits multi-byte
-    characters, so each token is decoded after a few tokens of context and its text is
-    what it adds; a token that ends inside a character adds "" and the token that
-    completes it carries the whole character. Special tokens are written out.
+    characters, so each token's text is what it adds after a few tokens of context
+    (text_codec.IncrementalDecoder). Special tokens are written out.
     """
-
-    def decode(ids: list[int]) -> str:
-        return text_codec.decode(tokenizer, ids, skip_special_tokens=False, clean_up=False)
-
-    seq = list(context_ids[-6:])
-    prefix_offset, read_offset = 0, len(seq)
-    texts = []
-    for token in token_ids:
-        seq.append(token)
-        prefix_text = decode(seq[prefix_offset:read_offset])
-        new_text = decode(seq[prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            texts.append(new_text[len(prefix_text) :])
-            prefix_offset, read_offset = read_offset, len(seq)
-        else:
-            texts.append("")
-    return texts
+    decoder = text_codec.IncrementalDecoder(
+        tokenizer, context_ids, skip_special_tokens=False, clean_up=False
+    )
+    return [decoder.push(token) for token in token_ids]
 
 
 def _scores(tokenizer: Tokenizer, prompt_ids: list[int], seq: GeneratedSequence) -> dict[str, Any]:
@@ -99,7 +85,8 @@ class ChatService:
             # special tokens included (chat_template.py).
             if request.prompt is not None or request.prefix:
                 raise HTTPError(
-                    400, "Send either prompt (with an optional prefix) or messages, not both.",
+                    400,
+                    "Send either prompt (with an optional prefix) or messages, not both.",
                     parameter="messages",
                 )
             messages = [m.model_dump() for m in request.messages]
@@ -158,8 +145,10 @@ class ChatService:
         plan: GenerationPlan,
         generated: list[GeneratedSequence],
         served_by: str,
+        new_texts: list[str] | None = None,
     ) -> ChatResponse:
-        """The pipeline's reply for the generated sequences."""
+        """The pipeline's reply for the generated sequences; ``new_texts``: their
+        PipelineDecoder.new_text when the caller has it already (a stream)."""
         tokenizer = self.engine.tokenizer
         prompt_ids = generation.prompt_token_ids
         decoder = PipelineDecoder(
@@ -169,14 +158,15 @@ class ChatService:
         # only, as in transformers' conversational pipeline.
         full = request.return_full_text is not False and request.messages is None
         want_scores = plan.sampling.logprobs is not None
+        texts: list[str | None] = list(new_texts) if new_texts else [None] * len(generated)
         sequences = [
             Sequence(
-                text=decoder.generated_text(request.prompt or "", seq.token_ids, full),
+                text=decoder.generated_text(request.prompt or "", seq.token_ids, full, new),
                 finish_reason=seq.finish_reason,
                 generated_tokens=len(seq.token_ids),
                 **(_scores(tokenizer, prompt_ids, seq) if want_scores else {}),
             )
-            for seq in generated
+            for seq, new in zip(generated, texts, strict=True)
         ]
         completion_tokens = sum(s.generated_tokens for s in sequences)
         return ChatResponse(
@@ -203,7 +193,7 @@ class ChatService:
         iterator of events: one per generated token, then the final reply.
 
         Each token event's text is what the token adds to the pipeline's decoded text
-        (PipelineDecoder.new_text), so the texts join into exactly the non-streamed
+        (pipeline_text.StreamedText): the texts join into exactly the non-streamed
         reply's new text; a token that ends inside a multi-byte character adds "" and
         the one that completes it carries the character.
         """
@@ -234,27 +224,32 @@ class ChatService:
             clean_up=bool(request.clean_up_tokenization_spaces),
         )
         n = plan.sampling.n
-        token_ids: list[list[int]] = [[] for _ in range(n)]
-        sent = [""] * n
+        texts = [decoder.stream() for _ in range(n)]
+        want_scores = plan.sampling.logprobs is not None
+        logprobs: list[list[float]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         # aclosing: when the client goes away, the engine's stream (and so the engine
         # request) is closed at once, not when the garbage collector gets to it.
         async with contextlib.aclosing(self.engine.generate_stream(generation)) as deltas:
             async for delta in deltas:
                 i = delta.index
+                count = len(delta.token_ids)
+                last = count - 1 if delta.finish_reason is not None else -1
                 for j, token in enumerate(delta.token_ids):
-                    token_ids[i].append(token)
-                    text = decoder.new_text(token_ids[i])
-                    last = delta.finish_reason is not None and j == len(delta.token_ids) - 1
-                    piece = ""
-                    if text.startswith(sent[i]) and (last or not text.endswith("\ufffd")):
-                        piece, sent[i] = text[len(sent[i]) :], text
+                    piece = texts[i].push(token, last=j == last)
                     yield {"token": {"id": token, "text": piece}, "index": i}
+                if want_scores:
+                    # NaN (reported as null, as _scores does) keeps the scores aligned
+                    # with the tokens should a delta come without them.
+                    got = (delta.logprobs or [])[:count]
+                    logprobs[i] += got + [math.nan] * (count - len(got))
                 if delta.finish_reason is not None:
                     finish[i] = delta.finish_reason
         BACKEND_REQUESTS.labels("vllm").inc()  # streams run on vLLM only
         generated = [
-            GeneratedSequence(ids, reason) for ids, reason in zip(token_ids, finish, strict=True)
+            GeneratedSequence(text.token_ids, reason, logprobs[i] if want_scores else None)
+            for i, (text, reason) in enumerate(zip(texts, finish, strict=True))
         ]
-        reply = self._reply(request, generation, plan, generated, "vllm")
+        new_texts = [text.finish() for text in texts]
+        reply = self._reply(request, generation, plan, generated, "vllm", new_texts)
         yield {**reply.model_dump(), "finish_reason": finish[0] if n == 1 else finish}

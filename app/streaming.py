@@ -9,9 +9,11 @@ OpenAI routes alike:
   503 JSON replies: the first event is produced before the response starts;
 - timeout: past request_timeout_seconds from admission the engine request is aborted and
   the stream ends with an error event;
-- disconnect: Starlette cancels the response when the client goes away; the event
-  iterator is then closed, which aborts the engine request (AsyncLLM aborts on
-  GeneratorExit / CancelledError) and frees its batch slot.
+- disconnect: while the first event is awaited (queued, prefill), a watcher cancels
+  the wait when the client goes away; once the stream runs, Starlette cancels the
+  response. Either way the event iterator is closed, which aborts the engine request
+  (AsyncLLM aborts on GeneratorExit / CancelledError) and frees its batch slot, and
+  the admission slot is released.
 """
 
 import asyncio
@@ -22,7 +24,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.admission import Admission
@@ -36,6 +38,50 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # An exception met mid-stream -> the text of the error event that ends the stream.
 ErrorEvent = Callable[[int, str, str | None], str]
+
+
+async def until_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class DisconnectWatch:
+    """While entered, cancels the task that entered it when the client goes away.
+
+    Starlette only notices a disconnect once the response has started, so a request
+    still waiting on the engine (queued, in prefill, or a whole non-streamed
+    generation) would otherwise hold its admission slot and engine request until the
+    engine answers. ``client_gone`` tells this cancellation from a server shutdown's.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._watcher: asyncio.Future[None] | None = None
+        self.client_gone = False
+
+    async def __aenter__(self) -> "DisconnectWatch":
+        task = asyncio.current_task()
+        assert task is not None
+
+        async def watch() -> None:
+            await until_disconnect(self._request)
+            self.client_gone = True
+            task.cancel()
+
+        self._watcher = asyncio.ensure_future(watch())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._watcher is not None
+        self._watcher.cancel()
+        if self.client_gone and exc_info[0] is asyncio.CancelledError:
+            # Ours, not the server's: the caller handles it as a disconnect.
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
 
 
 def sse(data: Any) -> str:
@@ -93,8 +139,11 @@ async def open_stream(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout else None
     events: AsyncIterator[str] | None = None
+    watch = DisconnectWatch(request)
     try:
-        async with asyncio.timeout_at(deadline):
+        # The work runs in this task (no task of its own, as in routes.run_generation);
+        # the watch cancels it if the client goes away before the first event.
+        async with watch, asyncio.timeout_at(deadline):
             started = await start()
             if not hasattr(started, "__anext__"):
                 await stack.aclose()
@@ -107,9 +156,12 @@ async def open_stream(
         raise HTTPError(
             504, f"Generation took longer than {timeout:g} s and was aborted."
         ) from None
-    except BaseException:
+    except BaseException as exc:
         await _close(events)
         await stack.aclose()
+        if isinstance(exc, asyncio.CancelledError) and watch.client_gone:
+            # Nobody reads this (499 is nginx's "client closed request").
+            return Response(status_code=499)
         raise
     return EventStreamResponse(_relay(first, events, deadline, timeout, error_event), stack.aclose)
 

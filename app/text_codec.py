@@ -73,3 +73,74 @@ def decode(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool, clea
             clean_up_tokenization_spaces=clean_up,
         )
     return rust.decode(token_ids, skip_special_tokens=skip_special_tokens)  # type: ignore[no-any-return]
+
+
+# Tokens of context an incremental decode starts from: enough for the decoder to place
+# word boundaries (SentencePiece's leading space) as the whole decode would. vLLM's
+# detokenizer uses 5 (INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
+CONTEXT_TOKENS = 6
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids ``decode(..., skip_special_tokens=True)`` drops before decoding: the Rust
+    tokenizer's special added tokens (a superset of ``all_special_ids``: SmolLM2 has 17,
+    all_special_ids 3). Empty when that is not the decode in use: nothing is dropped
+    from the window then, which is still exact, only slower over runs of them."""
+    rust = _rust(tokenizer)
+    if rust is None:
+        return frozenset()
+    return frozenset(i for i, t in rust.get_added_tokens_decoder().items() if t.special)
+
+
+class IncrementalDecoder:
+    """The text each new token adds to ``decode(context + tokens so far)``, for the cost
+    of decoding a short window per token: the prefix_offset / read_offset scheme of
+    vLLM's detokenizer and transformers' TextStreamer. Decoding everything again per
+    token made a 2000-token stream quadratic.
+
+    The window starts a few tokens back so that word boundaries come out as in the whole
+    decode. A token that ends inside a multi-byte character adds "" (the window's text
+    ends in U+FFFD) and the token that completes it carries the whole character.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_ids: list[int],
+        skip_special_tokens: bool,
+        clean_up: bool,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._clean_up = clean_up
+        # decode drops these before decoding anything, so leaving them out of the window
+        # changes no text; kept in, a run of them (EOS after EOS) would grow the window.
+        self._dropped = _special_ids(tokenizer) if skip_special_tokens else frozenset()
+        context: list[int] = []
+        for token in reversed(context_ids):
+            if len(context) == CONTEXT_TOKENS:
+                break
+            if token not in self._dropped:
+                context.append(token)
+        context.reverse()
+        self._window = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return decode(self._tokenizer, token_ids, self._skip_special_tokens, self._clean_up)
+
+    def push(self, token: int) -> str:
+        """What ``token`` adds to the text; "" while it waits for the rest of a character."""
+        if token in self._dropped:
+            return ""
+        window = self._window
+        window.append(token)
+        prefix_text = self._decode(window[self._prefix_offset : self._read_offset])
+        new_text = self._decode(window[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        # What was read becomes the next window's context; what came before it is done.
+        del window[: self._read_offset]
+        self._prefix_offset, self._read_offset = 0, len(window)
+        return new_text[len(prefix_text) :]

@@ -50,6 +50,9 @@ class SequenceDelta:
     index: int  # which of the request's n sequences
     token_ids: list[int]  # the tokens new since the previous delta of this sequence
     finish_reason: str | None = None  # set on the sequence's last delta
+    # The log-probabilities of token_ids, as GeneratedSequence.logprobs, when the request
+    # asked for scores; the stream's final event reports them (output_scores).
+    logprobs: list[float] | None = None
 
 
 class EngineDeadError(RuntimeError):

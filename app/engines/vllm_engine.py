@@ -302,7 +302,8 @@ class VLLMEngine:
         )
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
-        """Each step's new tokens per sequence (RequestOutputKind.DELTA), as vLLM makes them."""
+        """Each step's new tokens per sequence (RequestOutputKind.DELTA), as vLLM makes them.
+        In DELTA mode vLLM's logprobs are the new tokens' only (OutputProcessor slices them)."""
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
@@ -317,7 +318,9 @@ class VLLMEngine:
             async for output in outputs:
                 for c in output.outputs:
                     if c.token_ids or c.finish_reason is not None:
-                        yield SequenceDelta(c.index, list(c.token_ids), c.finish_reason)
+                        yield SequenceDelta(
+                            c.index, list(c.token_ids), c.finish_reason, _chosen_logprobs(c)
+                        )
         except VLLMEngineDead as exc:
             raise EngineDeadError("the vLLM engine died") from exc
         except VLLMValidationError as exc:

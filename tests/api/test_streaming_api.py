@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engines.base import GenerationRequest, SequenceDelta
+from app.engines.base import (
+    GeneratedSequence,
+    GenerationRequest,
+    GenerationResult,
+    SequenceDelta,
+)
 from app.server import create_app
 from app.settings import Settings
 from param_mapping import ParameterError
@@ -26,10 +31,27 @@ class StreamingFakeEngine(FakeEngine):
         self.fail_with: Exception = RuntimeError("boom")
         self.closed: list[str] = []
 
+    @staticmethod
+    def logprobs(request: GenerationRequest, ids: list[int]) -> list[float] | None:
+        """Made-up log-probabilities, when the request asks for scores."""
+        if request.sampling.logprobs is None:
+            return None
+        return [-0.5 - k / 8 for k in range(len(ids))]
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = await super().generate(request)
+        return GenerationResult(
+            sequences=[
+                GeneratedSequence(s.token_ids, s.finish_reason, self.logprobs(request, s.token_ids))
+                for s in result.sequences
+            ]
+        )
+
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
         self.requests.append(request)
         ids = self._tokenizer.encode(self.output_text, add_special_tokens=False)
         ids = ids[: request.sampling.max_tokens]
+        logprobs = self.logprobs(request, ids)
         try:
             for k, token in enumerate(ids):
                 if self.fail_after is not None and k == self.fail_after:
@@ -37,8 +59,9 @@ class StreamingFakeEngine(FakeEngine):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 last = k == len(ids) - 1
+                chosen = None if logprobs is None else [logprobs[k]]
                 for i in range(request.sampling.n):
-                    yield SequenceDelta(i, [token], "length" if last else None)
+                    yield SequenceDelta(i, [token], "length" if last else None, chosen)
         finally:
             self.closed.append(request.request_id)
 
@@ -113,6 +136,38 @@ def test_without_stream_the_reply_is_json_as_before(sclient):
     r = sclient.post("/chat", json={"prompt": "Hi"})
     assert r.headers["content-type"] == "application/json"
     assert set(r.json()) == {"Result", "sequences", "usage", "backend"}
+
+
+def test_stream_null_is_no_stream(sclient):
+    # Before streaming existed, "stream" was an ignored field: null must still be a 200.
+    r = sclient.post("/chat", json={"prompt": "Hi", "stream": None})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json()["Result"] == "Hi" + " Paris."
+
+
+def test_empty_messages_is_a_400(sclient):
+    for stream in (False, True):
+        r = sclient.post("/chat", json={"messages": [], "stream": stream})
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_stream_with_output_scores_ends_with_the_non_streamed_scores(sclient, n):
+    payload = {
+        "prompt": "The capital of France is",
+        "generate_kwargs": {
+            "do_sample": n > 1,
+            "num_return_sequences": n,
+            "output_scores": True,
+            "max_new_tokens": 8,
+        },
+    }
+    plain = sclient.post("/chat", json=payload).json()
+    final = events(sclient.post("/chat", json={**payload, "stream": True}).text)[-2][1]
+    assert all(s["sequence_score"] is not None for s in plain["sequences"])
+    assert all(t["logprob"] is not None for s in plain["sequences"] for t in s["tokens"])
+    assert final["sequences"] == plain["sequences"]
 
 
 def test_beam_search_cannot_stream(sclient):

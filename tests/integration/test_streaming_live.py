@@ -50,6 +50,28 @@ def test_streamed_greedy_reply_is_the_plain_reply(server_url):
     assert payload["prompt"] + plain["Result"] in full.text
 
 
+def test_streamed_scores_are_the_plain_scores(server_url):
+    payload = {
+        "prompt": "The capital of France is",
+        "generate_kwargs": {"do_sample": False, "max_new_tokens": 24, "output_scores": True},
+    }
+    with httpx.Client(timeout=120) as client:
+        plain = client.post(server_url + "/chat", json=payload).json()
+        events, _ = stream_events(client, server_url, payload)
+    final = events[-2][1]
+    (want,), (got,) = plain["sequences"], final["sequences"]
+    assert [d["token"]["id"] for _, d in events[:-2]] == [t["id"] for t in got["tokens"]]
+    assert [(t["id"], t["text"]) for t in got["tokens"]] == [
+        (t["id"], t["text"]) for t in want["tokens"]
+    ]
+    assert all(t["logprob"] is not None for t in got["tokens"])
+    assert [t["logprob"] for t in got["tokens"]] == pytest.approx(
+        [t["logprob"] for t in want["tokens"]], abs=1e-4
+    )
+    assert got["sequence_score"] == pytest.approx(want["sequence_score"], abs=1e-3)
+    assert final["Result"] == plain["Result"]
+
+
 def test_messages_stream_on_the_real_template(server_url):
     payload = {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
