@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.auth import require_api_key
 from app.errors import HTTPError
+from app.metrics import BACKEND_REQUESTS
 from app.routes import run_generation
 from app.streaming import describe, open_stream, sse
 
@@ -109,11 +110,15 @@ async def _generate(
                 return await handler(server, body, request)
 
             result = await open_stream(request, start, _stream_error_event)
-            return result if isinstance(result, Response) else _reply(result)
-        result = await run_generation(request, handler(server, body, request))
-        if result is None:
-            return Response(status_code=499)  # the client is gone
-        return _reply(result)
+            reply = result if isinstance(result, Response) else _reply(result)
+        else:
+            result = await run_generation(request, handler(server, body, request))
+            if result is None:
+                return Response(status_code=499)  # the client is gone
+            reply = _reply(result)
+        if reply.status_code == 200:
+            BACKEND_REQUESTS.labels("vllm").inc()  # /v1 runs on the vLLM engine only
+        return reply
     except Exception as exc:
         return _error_response(exc)
 

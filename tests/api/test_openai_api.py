@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.server import create_app
 from app.settings import Settings
@@ -174,10 +175,22 @@ def test_a_server_without_vllm_says_so(engine):
         )
 
 
-def test_metrics_label_the_routes(oengine):
+def served_by_vllm(c: TestClient) -> float:
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "kaito_backend_requests_total" and sample.labels["backend"] == "vllm":
+                return sample.value
+    return 0.0
+
+
+def test_metrics_label_the_routes_and_the_path_that_served(oengine):
     with client_for(oengine) as c:
+        before = served_by_vllm(c)
         c.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        c.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+        c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": -1})  # 400
         text = c.get("/metrics").text
+        assert served_by_vllm(c) == before + 2
     assert 'route="/v1/chat/completions"' in text
 
 
