@@ -8,6 +8,8 @@ the same, with the template file of KAITO_CHAT_TEMPLATE instead when it is set.
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from app.errors import HTTPError
 
 NO_TEMPLATE = (
@@ -40,7 +42,14 @@ def build_chat_prompt(
         raise HTTPError(
             400, "messages must hold at least one message, got [].", parameter="messages"
         )
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except TemplateError as exc:
+        # Templates refuse conversations they cannot render with raise_exception (e.g.
+        # Mistral-Instruct's "roles must alternate user/assistant/..."): the client's.
+        raise HTTPError(
+            400, f"The model's chat template refused these messages: {exc}", parameter="messages"
+        ) from None
     return str(text)

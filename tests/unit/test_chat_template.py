@@ -48,3 +48,21 @@ def test_no_template_is_a_400(tokenizer, monkeypatch):
     with pytest.raises(HTTPError) as err:
         build_chat_prompt(tokenizer, CONVERSATIONS[0])
     assert err.value.status_code == 400 and "chat template" in err.value.detail
+
+
+# Mistral-7B-Instruct's template refuses what it cannot render, like this.
+ALTERNATING_ONLY = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+)
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(tokenizer):
+    ok = [{"role": "user", "content": "Hi"}]
+    assert build_chat_prompt(tokenizer, ok, ALTERNATING_ONLY) == "[user] Hi "
+    with pytest.raises(HTTPError) as err:
+        build_chat_prompt(tokenizer, CONVERSATIONS[1], ALTERNATING_ONLY)  # has a system turn
+    assert err.value.status_code == 400 and err.value.parameter == "messages"
+    assert "roles must alternate" in err.value.detail
