@@ -13,6 +13,7 @@ tests/unit/test_text_codec.py holds the two paths equal on a byte-level BPE and 
 SentencePiece-style tokenizer.
 """
 
+import weakref
 from typing import Any
 
 # Per tokenizer class: whether it encodes and decodes with transformers' own code.
@@ -81,6 +82,14 @@ def decode(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool, clea
 CONTEXT_TOKENS = 6
 
 
+# Per tokenizer: (its vocabulary size with added tokens, its special added ids). Listing
+# the added tokens costs ~10 µs for SmolLM2's 17 and grows with their number; it was paid
+# for every streamed sequence. The size tells when tokens were added since.
+_SPECIAL_IDS: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _special_ids(tokenizer: Any) -> frozenset[int]:
     """The ids ``decode(..., skip_special_tokens=True)`` drops before decoding: the Rust
     tokenizer's special added tokens (a superset of ``all_special_ids``: SmolLM2 has 17,
@@ -89,7 +98,12 @@ def _special_ids(tokenizer: Any) -> frozenset[int]:
     rust = _rust(tokenizer)
     if rust is None:
         return frozenset()
-    return frozenset(i for i, t in rust.get_added_tokens_decoder().items() if t.special)
+    size = rust.get_vocab_size(with_added_tokens=True)
+    cached = _SPECIAL_IDS.get(tokenizer)
+    if cached is None or cached[0] != size:
+        ids = frozenset(i for i, t in rust.get_added_tokens_decoder().items() if t.special)
+        cached = _SPECIAL_IDS[tokenizer] = (size, ids)
+    return cached[1]
 
 
 class IncrementalDecoder:

@@ -168,3 +168,14 @@ async def test_each_token_decodes_a_short_window(monkeypatch):
     long_decodes = [n for n in decoded if n > 32]
     assert len(long_decodes) <= 2, long_decodes[:10]
     assert len(decoded) <= 2 * len(ids) + 2
+
+
+def test_a_special_token_added_later_is_dropped_from_the_window_too():
+    # The special ids are kept per tokenizer between streams; adding tokens refreshes them.
+    tokenizer = sentencepiece_style()
+    before = text_codec.IncrementalDecoder(tokenizer, [], skip_special_tokens=True, clean_up=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<late>"]})
+    late = tokenizer.convert_tokens_to_ids("<late>")
+    assert late not in before._dropped
+    after = text_codec.IncrementalDecoder(tokenizer, [], skip_special_tokens=True, clean_up=False)
+    assert late in after._dropped and after.push(late) == ""
