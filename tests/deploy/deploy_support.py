@@ -30,7 +30,7 @@ OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
 
 # Validated against the schemas of the newest Kubernetes release the kubernetes-validate
 # package ships (offline, strict: unknown fields fail) and of the oldest release the
-# README supports (README.md#apply-an-overlay names both).
+# README supports (docs/DEPLOY.md#apply-an-overlay names both).
 KUBERNETES_VERSION = "1.37.0"
 OLDEST_KUBERNETES_VERSION = "1.30.0"
 

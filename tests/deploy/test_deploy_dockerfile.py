@@ -110,7 +110,7 @@ def test_final_images_carry_no_build_stage(dockerfile: Dockerfile) -> None:
 
 
 def test_build_only_work_stays_out_of_the_final_images(dockerfile: Dockerfile) -> None:
-    """What only the build needs does not reach the final images (README.md#build-the-image):
+    """What only the build needs does not reach the final images (docs/DEPLOY.md#build-the-image):
     the venv comes from a stage that ran no model download or conversion, pip's cache is
     a BuildKit cache mount (never in a layer) and pip's settings stay in the build stage."""
     for target in TARGETS:
