@@ -1,4 +1,4 @@
-"""Beam search parameters: validation, the engine-neutral ``BeamSpec``, and routing.
+"""Beam search parameters: validation into ``BeamSpec`` (param_mapping.spec), and routing.
 
 Pure functions of their arguments, like the rest of ``param_mapping``. The rules follow
 transformers: 5.x for plain beam search and beam sampling (still in core), 4.x for group
@@ -6,15 +6,10 @@ transformers: 5.x for plain beam search and beam sampling (still in core), 4.x f
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from param_mapping.errors import ParameterError
-
-if TYPE_CHECKING:
-    from param_mapping.spec import SamplingSpec
-
-EarlyStopping = bool | Literal["never"]
+from param_mapping.spec import BeamSpec, SamplingSpec
 
 # Which engine a request needs. "vllm" means "the primary engine is fine"; the dispatcher
 # still sends everything to transformers when the server runs with KAITO_BACKEND=hf or
@@ -24,23 +19,6 @@ HF = "hf"
 
 # The server's cap when the caller does not pass one (KAITO_MAX_NUM_BEAMS).
 DEFAULT_MAX_NUM_BEAMS = 8
-
-
-@dataclass(frozen=True)
-class BeamSpec:
-    """transformers' beam parameters, validated. Only built when ``num_beams > 1``."""
-
-    num_beams: int
-    num_beam_groups: int = 1
-    diversity_penalty: float = 0.0
-    length_penalty: float = 1.0
-    early_stopping: EarlyStopping = False
-    num_return_sequences: int = 1
-    do_sample: bool = False
-
-    @property
-    def is_group(self) -> bool:
-        return self.num_beam_groups > 1
 
 
 def _name(key: str) -> str:
@@ -146,7 +124,7 @@ def beam_spec(
     )
 
 
-def beam_route(beam: BeamSpec | None, sampling: "SamplingSpec") -> tuple[str, str | None]:
+def beam_route(beam: BeamSpec | None, sampling: SamplingSpec) -> tuple[str, str | None]:
     """(backend, the parameter that needs it): where a request must run.
 
     Only plain beam search (greedy, one group) runs as a step loop on vLLM, and only

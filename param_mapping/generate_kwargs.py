@@ -8,10 +8,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from param_mapping.beam import DEFAULT_MAX_NUM_BEAMS, BeamSpec, beam_route, beam_spec
+from param_mapping.beam import DEFAULT_MAX_NUM_BEAMS, beam_route, beam_spec
 from param_mapping.errors import ParameterError
 from param_mapping.hf_kwargs import transformers_generate_kwargs
-from param_mapping.spec import GenerationPlan, SamplingSpec, SpecialTokens
+from param_mapping.spec import BeamSpec, GenerationPlan, SamplingSpec, SpecialTokens
 
 # Kaito's GenerateKwargs defaults, verbatim. pad/eos None mean "the tokenizer's".
 KAITO_DEFAULTS: dict[str, Any] = {
@@ -54,17 +54,45 @@ EXTRA_DEFAULTS: dict[str, Any] = {
 # refused by name rather than silently ignored.
 UNSERVED_GENERATION_CONFIG = frozenset(
     {
-        "max_time", "min_p", "top_h", "epsilon_cutoff", "eta_cutoff", "penalty_alpha",
-        "dola_layers", "renormalize_logits", "sequence_bias", "suppress_tokens",
-        "begin_suppress_tokens", "exponential_decay_length_penalty", "guidance_scale",
-        "constraints", "force_words_ids", "low_memory", "token_healing",
-        "watermarking_config", "cache_implementation", "cache_config", "output_attentions",
-        "output_hidden_states", "output_logits", "num_assistant_tokens",
-        "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-        "prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_early_exit",
-        "assistant_lookbehind", "target_lookbehind", "decoder_start_token_id",
-        "forced_decoder_ids", "compile_config", "disable_compile", "generation_kwargs",
-        "is_assistant", "return_legacy_cache", "prefill_chunk_size",
+        "max_time",
+        "min_p",
+        "top_h",
+        "epsilon_cutoff",
+        "eta_cutoff",
+        "penalty_alpha",
+        "dola_layers",
+        "renormalize_logits",
+        "sequence_bias",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "exponential_decay_length_penalty",
+        "guidance_scale",
+        "constraints",
+        "force_words_ids",
+        "low_memory",
+        "token_healing",
+        "watermarking_config",
+        "cache_implementation",
+        "cache_config",
+        "output_attentions",
+        "output_hidden_states",
+        "output_logits",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "prompt_lookup_num_tokens",
+        "max_matching_ngram_size",
+        "assistant_early_exit",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "decoder_start_token_id",
+        "forced_decoder_ids",
+        "compile_config",
+        "disable_compile",
+        "generation_kwargs",
+        "is_assistant",
+        "return_legacy_cache",
+        "prefill_chunk_size",
     }
 )
 
@@ -130,7 +158,7 @@ def merge_with_defaults(generate_kwargs: Mapping[str, Any] | None) -> dict[str, 
 
 
 def _check_beam_params(kw: Mapping[str, Any], max_num_beams: int) -> BeamSpec | None:
-    # Validation and the beam rules live in param_mapping/beam.py (issue 4).
+    # Validation and the beam rules live in param_mapping/beam.py.
     return beam_spec(kw, max_num_beams=max_num_beams)
 
 
@@ -148,7 +176,10 @@ def _bad_words(
         return None, []
     name = _name("bad_words_ids")
     if not isinstance(bad_words_ids, list) or not bad_words_ids:
-        raise ParameterError(name, f"bad_words_ids must be a non-empty list of lists of token ids, got {bad_words_ids!r}.")
+        raise ParameterError(
+            name,
+            f"bad_words_ids must be a non-empty list of lists of token ids, got {bad_words_ids!r}.",
+        )
     if not all(isinstance(word, list) for word in bad_words_ids):
         # Kaito's schema typed it list[int], which transformers itself always refused.
         raise ParameterError(
@@ -160,7 +191,9 @@ def _bad_words(
     sequences: list[list[int]] = []
     for word in bad_words_ids:
         if not word:
-            raise ParameterError(name, f"bad_words_ids entries must not be empty, got {bad_words_ids!r}.")
+            raise ParameterError(
+                name, f"bad_words_ids entries must not be empty, got {bad_words_ids!r}."
+            )
         ids = [_token_id("bad_words_ids", token, special) for token in word]
         if len(ids) > 1:
             if ids not in sequences:
@@ -229,8 +262,15 @@ def _stop_strings(kw: Mapping[str, Any]) -> list[str] | None:
     if value is None:
         return None
     strings = [value] if isinstance(value, str) else value
-    if not isinstance(strings, list) or not strings or not all(isinstance(s, str) and s for s in strings):
-        raise ParameterError(_name("stop_strings"), f"stop_strings must be a non-empty string or list of them, got {value!r}.")
+    if (
+        not isinstance(strings, list)
+        or not strings
+        or not all(isinstance(s, str) and s for s in strings)
+    ):
+        raise ParameterError(
+            _name("stop_strings"),
+            f"stop_strings must be a non-empty string or list of them, got {value!r}.",
+        )
     return strings
 
 
@@ -267,7 +307,8 @@ def _lengths(
         raise ParameterError(
             _name(max_key),
             f"max_length (={max_length}) counts the prompt and must leave room to generate: "
-            f"the prompt is {prompt_tokens - prefix_tokens} tokens. Raise max_length or use max_new_tokens.",
+            f"the prompt is {prompt_tokens - prefix_tokens} tokens. "
+            "Raise max_length or use max_new_tokens.",
         )
 
     keep: int | None = None
@@ -275,10 +316,11 @@ def _lengths(
         if handle_long_generation != "hole":
             raise ParameterError(
                 _name(max_key),
-                f"prompt tokens + new tokens must be <= the model's context length {max_model_len}. "
+                "prompt tokens + new tokens must be <= the model's context length "
+                f"{max_model_len}. "
                 f"Given: {prompt_tokens} prompt tokens and {max_new} new tokens "
                 f"(from {max_key}={kw[max_key]}). Shorten the prompt, lower {max_key}, or set "
-                "handle_long_generation=\"hole\".",
+                'handle_long_generation="hole".',
             )
         # The pipeline's "hole": drop the oldest prompt tokens so the new ones fit.
         keep = max_model_len - max_new
@@ -286,7 +328,7 @@ def _lengths(
             raise ParameterError(
                 _name(max_key),
                 f"{max_new} new tokens do not fit the model's context length {max_model_len} "
-                "even with handle_long_generation=\"hole\".",
+                'even with handle_long_generation="hole".',
             )
     # A minimum above the maximum: transformers simply stops at the maximum.
     return max_new, min(min_new, max_new), keep
@@ -310,7 +352,7 @@ def to_generation_plan(
     if handle_long_generation not in (None, "hole"):
         raise ParameterError(
             "handle_long_generation",
-            f"handle_long_generation must be null or \"hole\", got {handle_long_generation!r}.",
+            f'handle_long_generation must be null or "hole", got {handle_long_generation!r}.',
         )
     kw = merge_with_defaults(generate_kwargs)
 

@@ -5,9 +5,9 @@ it through unchanged, but it is a plain dataclass: this package never imports vL
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from param_mapping.beam import BeamSpec
+EarlyStopping = bool | Literal["never"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,23 @@ class SamplingSpec:
     # 0: return each generated token's log-probability under the processed distribution
     # (transformers' output_scores, normalized); None: no scores.
     logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class BeamSpec:
+    """transformers' beam parameters, validated. Only built when ``num_beams > 1``."""
+
+    num_beams: int
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
+    num_return_sequences: int = 1
+    do_sample: bool = False
+
+    @property
+    def is_group(self) -> bool:
+        return self.num_beam_groups > 1
 
 
 @dataclass(frozen=True)
