@@ -4,7 +4,7 @@ Like vLLM's ``EngineClient``: the HTTP layer only sees ``generate``, ``abort`` a
 health checks, so tests can plug in a fake and backends can be swapped.
 """
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ class GenerationRequest:
     backend: str = "vllm"
     backend_reason: str | None = None
     # Beam search parameters (None without beams) and the request in transformers' own
-    # terms, for the transformers backend and the beam step loop (issue 4).
+    # terms, for the transformers backend and the beam step loop.
     beam: BeamSpec | None = None
     transformers_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class SequenceDelta:
-    """What one sequence added at one engine step, for streaming (issue 8)."""
+    """What one sequence added at one engine step, for streaming."""
 
     index: int  # which of the request's n sequences
     token_ids: list[int]  # the tokens new since the previous delta of this sequence
@@ -70,8 +70,45 @@ class Tokenizer(Protocol):
     ) -> str: ...
 
 
+class LoadedModel:
+    """What a backend knows once its model is loaded, and how it reads it back: the
+    tokenizer, its special ids and the context length. Both engines derive from it, so
+    the three properties of the protocol below are written once."""
+
+    _tokenizer: Any = None
+    _special: SpecialTokens | None = None
+    _max_model_len: int = 0
+
+    def _model_loaded(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
+        self._special = SpecialTokens(
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            vocab_size=vocab_size,
+        )
+        self._max_model_len = max_model_len
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self._tokenizer is not None, "engine not started"
+        return self._tokenizer  # type: ignore[no-any-return]
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        assert self._special is not None, "engine not started"
+        return self._special
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+
 class Engine(Protocol):
-    name: str  # "vllm" or "hf": which path served a request
+    @property
+    def name(self) -> str:
+        """ "vllm" or "hf": which path served a request."""
+        ...
 
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -88,7 +125,7 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
-    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+    def generate_stream(self, request: GenerationRequest) -> AsyncGenerator[SequenceDelta, None]:
         """The same generation, yielded as the engine produces it (vLLM's
         RequestOutputKind.DELTA). Closing the iterator early aborts the request."""
         ...

@@ -22,11 +22,17 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
-from app.engines.base import Engine, GenerationRequest, GenerationResult, Tokenizer
+from app.engines.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SequenceDelta,
+    Tokenizer,
+)
 from app.engines.beam_search import BeamSearch, run_on_vllm
 from app.engines.hf_engine import HFEngine
 from app.settings import Settings
@@ -192,8 +198,10 @@ class DispatchEngine:
         result = await self.vllm.generate(request)
         return GenerationResult(sequences=result.sequences, backend=VLLM)
 
-    async def generate_stream(self, request: GenerationRequest) -> Any:
-        """Streams go to vLLM only (issue 8): the transformers backend and the beam step
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[SequenceDelta, None]:
+        """Streams go to vLLM only: the transformers backend and the beam step
         loop produce their text at the end."""
         if self.route(request) != VLLM:
             raise ParameterError(
@@ -209,7 +217,7 @@ class DispatchEngine:
                 yield delta
 
     async def openai_server(self) -> Any:
-        """vLLM's OpenAI serving layer on the vLLM engine (issue 8); None without vLLM."""
+        """vLLM's OpenAI serving layer on the vLLM engine; None without vLLM."""
         if self.vllm is None or self._primary is not self.vllm:
             return None
         return await self.vllm.openai_server()

@@ -29,11 +29,10 @@ from app.engines.base import (
     GeneratedSequence,
     GenerationRequest,
     GenerationResult,
-    Tokenizer,
+    LoadedModel,
 )
 from app.metrics import HF_QUEUE_DEPTH, HF_RUNNING
 from app.settings import Settings
-from param_mapping import SpecialTokens
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +82,18 @@ def trim_generated(
     return tokens
 
 
-class HFEngine:
+class HFEngine(LoadedModel):
     name = "hf"
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._model: Any = None
-        self._tokenizer: Any = None
-        self._special: SpecialTokens | None = None
-        self._max_model_len = 0
         self._device = "cpu"
         # One worker: generation is serial and FIFO.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self._load_lock: asyncio.Lock | None = None
         self._jobs: dict[str, _Job] = {}
         self._failed: str | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        assert self._tokenizer is not None, "engine not started"
-        return self._tokenizer  # type: ignore[no-any-return]
-
-    @property
-    def special_tokens(self) -> SpecialTokens:
-        assert self._special is not None, "engine not started"
-        return self._special
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
 
     @property
     def loaded(self) -> bool:
@@ -131,14 +113,9 @@ class HFEngine:
         model.eval()
         config = model.config
         context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-        self._max_model_len = min(s.max_model_len or context, context)
-        self._special = SpecialTokens(
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            vocab_size=int(config.vocab_size),
+        self._model_loaded(
+            tokenizer, int(config.vocab_size), min(s.max_model_len or context, context)
         )
-        self._tokenizer = tokenizer
         self._model = model
 
     async def ensure_loaded(self) -> None:

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +18,13 @@ from app.engines.base import (
     GeneratedSequence,
     GenerationRequest,
     GenerationResult,
+    LoadedModel,
     SequenceDelta,
-    Tokenizer,
 )
 from app.engines.processors import PROCESSOR_FQCN
 from app.engines.processors.routing import processor_rules
 from app.settings import Settings
-from param_mapping import ParameterError, SamplingSpec, SpecialTokens
+from param_mapping import ParameterError, SamplingSpec
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -160,32 +160,15 @@ def _chosen_logprobs(completion: Any) -> list[float] | None:
     return out
 
 
-class VLLMEngine:
+class VLLMEngine(LoadedModel):
     name = "vllm"
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._llm: AsyncLLM | None = None
-        self._tokenizer: Any = None
-        self._special: SpecialTokens | None = None
-        self._max_model_len = 0
         self._eos_ids: frozenset[int] | None = None
         self._openai: Any = None
         self._openai_lock = asyncio.Lock()
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        assert self._tokenizer is not None, "engine not started"
-        return self._tokenizer  # type: ignore[no-any-return]
-
-    @property
-    def special_tokens(self) -> SpecialTokens:
-        assert self._special is not None, "engine not started"
-        return self._special
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
 
     def engine_args(self, on_gpu: bool) -> dict[str, Any]:
         s = self._settings
@@ -225,17 +208,11 @@ class VLLMEngine:
         # the event loop so /livez and /health keep answering meanwhile.
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         model_config = self._llm.model_config
-        self._max_model_len = model_config.max_model_len
         self._eos_ids = engine_eos_ids(self._llm)
         # The same tokenizer transformers' pipeline would use: Kaito's text rules
         # (prefix, pipeline decoding) are defined in its terms.
-        self._tokenizer = AutoTokenizer.from_pretrained(self._settings.model)
-        self._special = SpecialTokens(
-            eos_token_id=self._tokenizer.eos_token_id,
-            pad_token_id=self._tokenizer.pad_token_id,
-            bos_token_id=self._tokenizer.bos_token_id,
-            vocab_size=model_config.get_vocab_size(),
-        )
+        tokenizer = AutoTokenizer.from_pretrained(self._settings.model)
+        self._model_loaded(tokenizer, model_config.get_vocab_size(), model_config.max_model_len)
 
     async def stop(self) -> None:
         if self._llm is not None:
@@ -301,7 +278,9 @@ class VLLMEngine:
             ]
         )
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[SequenceDelta, None]:
         """Each step's new tokens per sequence (RequestOutputKind.DELTA), as vLLM makes them.
         In DELTA mode vLLM's logprobs are the new tokens' only (OutputProcessor slices them)."""
         from vllm.exceptions import VLLMValidationError
