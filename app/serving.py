@@ -70,7 +70,7 @@ class ChatService:
         self.engine = engine
         self.limits = limits or Limits()
         self.max_num_beams = max_num_beams
-        # KAITO_CHAT_TEMPLATE's text; None: the tokenizer's own template (issue 8).
+        # KAITO_CHAT_TEMPLATE's text; None: the tokenizer's own template.
         self.chat_template = chat_template
 
     def _check_ready(self) -> None:
@@ -81,7 +81,7 @@ class ChatService:
         """The prompt's token ids and the prefix's length in tokens."""
         tokenizer = self.engine.tokenizer
         if request.messages is not None:
-            # Kaito's conversational mode (issue 8): the chat template builds the prompt,
+            # Kaito's conversational mode: the chat template builds the prompt,
             # special tokens included (chat_template.py).
             if request.prompt is not None or request.prefix:
                 raise HTTPError(

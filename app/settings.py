@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         default=None, gt=0, description="Context length (prompt + generated); default: the model's."
     )
     max_num_seqs: int | None = Field(
-        default=None, gt=0, description="Most sequences the engine batches at once; default: vLLM's."
+        default=None,
+        gt=0,
+        description="Most sequences the engine batches at once; default: vLLM's.",
     )
     kv_cache_space_gib: float = Field(
         default=2.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
@@ -111,7 +113,9 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(
         default=600,
         ge=0,
-        description="A generation running longer is aborted in the engine and answered 504; 0 disables.",
+        description=(
+            "A generation running longer is aborted in the engine and answered 504; 0 disables."
+        ),
     )
     shutdown_grace_seconds: float = Field(
         default=30,
@@ -121,7 +125,9 @@ class Settings(BaseSettings):
         "terminationGracePeriodSeconds.",
     )
     max_body_bytes: int = Field(
-        default=1_048_576, ge=1024, description="Largest request body accepted; larger ones get 413."
+        default=1_048_576,
+        ge=1024,
+        description="Largest request body accepted; larger ones get 413.",
     )
     max_num_return_sequences: int = Field(
         default=16, ge=1, description="Cap on generate_kwargs.num_return_sequences (400 above it)."

@@ -1,4 +1,4 @@
-"""Server-sent events under the server's rules (issue 8).
+"""Server-sent events under the server's rules.
 
 ``open_stream`` is the streaming twin of routes.run_generation, used by /chat and the
 OpenAI routes alike:

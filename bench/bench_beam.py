@@ -28,25 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from app.settings import DEFAULT_MODEL_DIR, Settings  # noqa: E402
 from bench.systems import BenchConfig, OurServer  # noqa: E402
+from bench.workload import continuation_prompts  # noqa: E402
 
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about a lighthouse in winter.",
-    "The best way to learn a new language is",
-    "Explain why the sky is blue in one sentence.",
-    "def fibonacci(n):",
-    "My favourite season of the year is",
-    "Give three tips for a job interview:",
-    "To make a cup of tea, first",
-    "The moon orbits the Earth because",
-    "Here is a short poem about the sea:",
-    "In 1969, astronauts",
-    "A healthy breakfast includes",
-    "The main causes of the French Revolution were",
-    "Once upon a time, in a small village,",
-    "Water boils at",
-    "The three primary colours are",
-]
+PROMPTS = continuation_prompts()
 
 
 def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,24 +31,9 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "My favourite recipe for pancakes starts with",
-    "In 1969, the first humans",
-    "The quick brown fox",
-    "A list of prime numbers: 2, 3, 5,",
-    "Translate to French: Good morning ->",
-    "Photosynthesis is the process by which",
-    "The best way to learn a language is",
-    "Explain how a bicycle stays upright.",
-    "Write a short poem about the sea.",
-    "The main causes of the French Revolution were",
-    "To make a cup of tea, first",
-]
+from bench.workload import continuation_prompts
+
+PROMPTS = continuation_prompts()
 
 
 def configure_environment() -> None:

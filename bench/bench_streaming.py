@@ -1,5 +1,5 @@
 """Time to first token, streamed: our /chat (and our /v1/completions) against vLLM's own
-OpenAI server's streamed /v1/completions, side by side in one run (issue 8).
+OpenAI server's streamed /v1/completions, side by side in one run.
 
     .venv/bin/python -m bench.bench_streaming [--compiled] [--repeat 3] [--out DIR]
 
@@ -39,8 +39,15 @@ def chat_request(tokens: int) -> tuple[str, dict[str, Any]]:
 
 
 def completions_request(model: str, tokens: int) -> tuple[str, dict[str, Any]]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     return "/v1/completions", body
 
 
@@ -80,9 +87,12 @@ async def wave(
 def summary(samples: list[tuple[float, float]]) -> dict[str, float]:
     ttft = sorted(s[0] for s in samples)
     p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
-    return {"n": len(samples), "ttft_median_s": round(statistics.median(ttft), 4),
-            "ttft_p90_s": round(p90, 4),
-            "stream_median_s": round(statistics.median(s[1] for s in samples), 4)}
+    return {
+        "n": len(samples),
+        "ttft_median_s": round(statistics.median(ttft), 4),
+        "ttft_p90_s": round(p90, 4),
+        "stream_median_s": round(statistics.median(s[1] for s in samples), 4),
+    }
 
 
 def targets(system: HttpSystem, tokens: int) -> list[tuple[str, str, dict[str, Any]]]:
@@ -90,8 +100,10 @@ def targets(system: HttpSystem, tokens: int) -> list[tuple[str, str, dict[str, A
     if isinstance(system, VLLMServer):
         return [("vLLM server /v1/completions", *completions_request(system.served_name, tokens))]
     # Our server's OpenAI model name is the model path (KAITO_SERVED_MODEL_NAME unset).
-    return [("ours /chat", *chat_request(tokens)),
-            ("ours /v1/completions", *completions_request(system.config.model, tokens))]
+    return [
+        ("ours /chat", *chat_request(tokens)),
+        ("ours /v1/completions", *completions_request(system.config.model, tokens)),
+    ]
 
 
 def measure(
@@ -136,12 +148,16 @@ def ratios(results: dict[str, Any], concurrencies: list[int]) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| route | C | n | TTFT median (ms) | TTFT p90 (ms) | whole stream median (ms) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| route | C | n | TTFT median (ms) | TTFT p90 (ms) | whole stream median (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for key, r in results.items():
         route, c = key.rsplit(" c=", 1)
-        rows.append(f"| {route} | {c} | {r['n']} | {r['ttft_median_s'] * 1000:.0f} | "
-                    f"{r['ttft_p90_s'] * 1000:.0f} | {r['stream_median_s'] * 1000:.0f} |")
+        rows.append(
+            f"| {route} | {c} | {r['n']} | {r['ttft_median_s'] * 1000:.0f} | "
+            f"{r['ttft_p90_s'] * 1000:.0f} | {r['stream_median_s'] * 1000:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -156,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ours-url", help="measure this running server of ours only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/streaming"))
     args = parser.parse_args(argv)
-    config = BenchConfig(model=args.model, enforce_eager=not args.compiled, kv_cache_gib=2.0,
-                         log_dir=args.out / "logs")
+    config = BenchConfig(
+        model=args.model,
+        enforce_eager=not args.compiled,
+        kv_cache_gib=2.0,
+        log_dir=args.out / "logs",
+    )
     systems: list[HttpSystem] = [OurServer(config, args.ours_url)]
     if args.ours_url is None:
         systems.append(VLLMServer(config))
@@ -170,8 +190,12 @@ def main(argv: list[str] | None = None) -> None:
         for system in systems:
             system.stop()
         kill_all()
-    report: dict[str, Any] = {"tokens": args.tokens, "eager": config.enforce_eager,
-                              "repeat": args.repeat, "results": results}
+    report: dict[str, Any] = {
+        "tokens": args.tokens,
+        "eager": config.enforce_eager,
+        "repeat": args.repeat,
+        "results": results,
+    }
     if len(systems) > 1:
         report["ours_over_vllm_server"] = ratios(results, args.concurrency)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ Traffic stays on loopback; every request count and time is bounded.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -33,10 +34,9 @@ def tree_rss_mib(pid: int) -> float:
     procs = [proc, *proc.children(recursive=True)]
     total = 0
     for p in procs:
-        try:
+        # A child may exit between listing and reading.
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total / 2**20
 
 

@@ -41,9 +41,21 @@ class Workload:
         ]
 
 
-def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+# The throughput workload: chat-style requests of three lengths.
+WORKLOAD_KINDS = ("short", "medium", "long")
+
+
+def load_prompts(path: Path = PROMPTS_FILE, kinds: tuple[str, ...] = WORKLOAD_KINDS) -> list[str]:
     with path.open() as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [row["prompt"] for row in rows if row["kind"] in kinds]
+
+
+def continuation_prompts() -> list[str]:
+    """Short openings the model continues (not finished questions, which a small instruct
+    model may answer with an immediate end of turn): the parity tests and the beam and
+    processor benchmarks share them."""
+    return load_prompts(kinds=("continuation",))
 
 
 def chat_payload(request: Request) -> dict[str, object]:

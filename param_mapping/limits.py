@@ -44,4 +44,6 @@ def check_limits(generate_kwargs: Mapping[str, Any], limits: Limits) -> None:
             raise _too_large("bad_words_ids", len(bad), limits.max_bad_words, " (entries)")
         longest = max((len(w) for w in bad if isinstance(w, list)), default=0)
         if longest > limits.max_bad_word_tokens:
-            raise _too_large("bad_words_ids", longest, limits.max_bad_word_tokens, " (tokens per entry)")
+            raise _too_large(
+                "bad_words_ids", longest, limits.max_bad_word_tokens, " (tokens per entry)"
+            )

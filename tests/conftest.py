@@ -28,7 +28,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     if not (DEFAULT_MODEL_DIR / ".prepared").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_DIR}: run `make model` (make test does)")
+        pytest.fail(
+            f"default model missing at {DEFAULT_MODEL_DIR}: run `make model` (make test does)"
+        )
     return DEFAULT_MODEL_DIR
 
 
@@ -79,7 +81,9 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def live_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def live_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
     server = ServerProcess(["--enforce-eager", "--model", str(model_dir)], log)
     try:

@@ -1,4 +1,4 @@
-"""vLLM's own OpenAI serving layer, mounted on our AsyncLLM (issue 8).
+"""vLLM's own OpenAI serving layer, mounted on our AsyncLLM.
 
 Part of the vLLM backend (it imports vLLM, lazily): vLLM's ``init_app_state`` builds its
 serving objects (``OpenAIServingCompletion``, ``OpenAIServingChat``,

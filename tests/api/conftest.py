@@ -56,7 +56,8 @@ class FakeEngine:
         ids = self._tokenizer.encode(self.output_text, add_special_tokens=False)
         ids = ids[: request.sampling.max_tokens]
         return GenerationResult(
-            sequences=[GeneratedSequence(token_ids=ids, finish_reason="length")] * request.sampling.n
+            sequences=[GeneratedSequence(token_ids=ids, finish_reason="length")]
+            * request.sampling.n
         )
 
     async def abort(self, request_id: str) -> None:

@@ -11,12 +11,28 @@ FULL_EXAMPLE = {
     "prefix": None,
     "handle_long_generation": None,
     "generate_kwargs": {
-        "max_length": 200, "min_length": 0, "do_sample": True, "early_stopping": False,
-        "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0,
-        "top_k": 10, "top_p": 1, "typical_p": 1, "repetition_penalty": 1, "length_penalty": 1,
-        "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-        "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
-        "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": None,
+        "max_length": 200,
+        "min_length": 0,
+        "do_sample": True,
+        "early_stopping": False,
+        "num_beams": 1,
+        "num_beam_groups": 1,
+        "diversity_penalty": 0.0,
+        "temperature": 1.0,
+        "top_k": 10,
+        "top_p": 1,
+        "typical_p": 1,
+        "repetition_penalty": 1,
+        "length_penalty": 1,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "bad_words_ids": None,
+        "num_return_sequences": 1,
+        "output_scores": False,
+        "return_dict_in_generate": False,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "remove_invalid_values": None,
     },
 }
 
@@ -61,8 +77,9 @@ def test_result_joins_sequences(client, engine):
 
 
 def test_prefix_is_tokenized_but_not_echoed(client, engine, tokenizer):
-    r = client.post("/chat", json={"prompt": "world", "prefix": "Hello ",
-                                   "generate_kwargs": {"max_length": 30}})
+    r = client.post(
+        "/chat", json={"prompt": "world", "prefix": "Hello ", "generate_kwargs": {"max_length": 30}}
+    )
     assert r.json()["Result"] == "world Paris."
     assert engine.last.prompt_token_ids == tokenizer.encode("Hello world")
     # The pipeline adds the prefix length to max_length.
@@ -71,15 +88,23 @@ def test_prefix_is_tokenized_but_not_echoed(client, engine, tokenizer):
 
 
 def test_greedy_payload(client, engine):
-    client.post("/chat", json={"prompt": "x", "generate_kwargs": {"do_sample": False, "temperature": 0}})
+    client.post(
+        "/chat", json={"prompt": "x", "generate_kwargs": {"do_sample": False, "temperature": 0}}
+    )
     assert engine.last.sampling.temperature == 0.0
 
 
 def test_hole_truncates_the_prompt_from_the_left(client, engine):
     engine.max_model_len = 20
     prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
-    r = client.post("/chat", json={"prompt": prompt, "handle_long_generation": "hole",
-                                   "generate_kwargs": {"max_new_tokens": 8}})
+    r = client.post(
+        "/chat",
+        json={
+            "prompt": prompt,
+            "handle_long_generation": "hole",
+            "generate_kwargs": {"max_new_tokens": 8},
+        },
+    )
     assert r.status_code == 200, r.text
     assert len(engine.last.prompt_token_ids) == 12
     r = client.post("/chat", json={"prompt": prompt, "generate_kwargs": {"max_new_tokens": 8}})
@@ -151,9 +176,24 @@ def test_metrics_count_requests_by_route_and_status(client):
         for f in text_string_to_metric_families(text)
         for s in f.samples
     }
-    assert samples[("kaito_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "200")))] >= 1
-    assert samples[("kaito_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "400")))] >= 1
-    assert samples[("kaito_requests_total", (("method", "GET"), ("route", "other"), ("status", "404")))] >= 1
+    assert (
+        samples[
+            ("kaito_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "200")))
+        ]
+        >= 1
+    )
+    assert (
+        samples[
+            ("kaito_requests_total", (("method", "POST"), ("route", "/chat"), ("status", "400")))
+        ]
+        >= 1
+    )
+    assert (
+        samples[
+            ("kaito_requests_total", (("method", "GET"), ("route", "other"), ("status", "404")))
+        ]
+        >= 1
+    )
     assert samples[("kaito_backend_requests_total", (("backend", "vllm"),))] >= 1
     assert any(name == "kaito_request_duration_seconds_count" for name, _ in samples)
 

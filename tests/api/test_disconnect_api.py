@@ -7,7 +7,7 @@ complete, so these drive the ASGI app directly with a client that drops mid-requ
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -25,7 +25,9 @@ class StallingEngine(FakeEngine):
         super().__init__(tokenizer)
         self.closed: list[str] = []
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[SequenceDelta, None]:
         self.requests.append(request)
         try:
             await asyncio.Event().wait()

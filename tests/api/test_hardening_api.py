@@ -101,7 +101,7 @@ def test_limits_are_400_naming_parameter_and_limit(client, engine, kwargs, param
         '{"prompt": "hi", "generate_kwargs": {"top_p": Infinity}}',
         '{"prompt": "hi", "generate_kwargs": {"top_k": 1e400}}',
         '{"prompt": {"nested": ["junk"]}}',
-        '[1, 2, 3]',
+        "[1, 2, 3]",
         '"just a string"',
         '{"prompt": "hi", "generate_kwargs": {"eos_token_id": [[1]]}}',
         '{"prompt": "hi", "generate_kwargs": {"bad_words_ids": [["a"]]}}',
@@ -129,7 +129,9 @@ def test_wrong_content_type_is_4xx(client, content_type):
 def test_api_key_guards_generation_only(engine):
     with make_client(engine, api_key="s3cret") as client:
         assert client.post("/chat", json={"prompt": "hi"}).status_code == 401
-        wrong = client.post("/chat", json={"prompt": "hi"}, headers={"Authorization": "Bearer nope"})
+        wrong = client.post(
+            "/chat", json={"prompt": "hi"}, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         ok = client.post("/chat", json={"prompt": "hi"}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
@@ -184,7 +186,11 @@ def test_json_logs_carry_the_request_id_and_never_the_prompt(engine, capsys):
                 json={"prompt": "my secret prompt"},
                 headers={"X-Request-Id": "req-42", "Authorization": "Bearer k3y-secret"},
             )
-        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        lines = [
+            json.loads(line)
+            for line in capsys.readouterr().err.splitlines()
+            if line.startswith("{")
+        ]
     finally:
         root.handlers, root.level = saved
     access = [e for e in lines if e["logger"] == "app.access" and e["request_id"] == "req-42"]

@@ -1,4 +1,4 @@
-"""The /v1 routes' own rules (issue 8) on a fake of vLLM's OpenAI layer: what reaches it,
+"""The /v1 routes' own rules on a fake of vLLM's OpenAI layer: what reaches it,
 the shape of every error, admission, the API key, streaming plumbing, metrics. vLLM's
 layer itself is exercised on the real engine (tests/integration/test_openai_live.py)."""
 

@@ -1,10 +1,10 @@
-"""/chat with stream and messages (issue 8), on a fake engine that streams."""
+"""/chat with stream and messages, on a fake engine that streams."""
 
 import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -47,7 +47,9 @@ class StreamingFakeEngine(FakeEngine):
             ]
         )
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[SequenceDelta, None]:
         self.requests.append(request)
         ids = self._tokenizer.encode(self.output_text, add_special_tokens=False)
         ids = ids[: request.sampling.max_tokens]

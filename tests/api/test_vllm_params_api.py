@@ -39,10 +39,14 @@ def test_kaito_defaults(client, engine, tokenizer):
 @pytest.mark.parametrize(
     ("generate_kwargs", "expected"),
     [
-        ({"do_sample": False, "temperature": 0.3, "top_k": 3, "top_p": 0.5},
-         {"temperature": 0.0, "top_k": 0, "top_p": 1.0}),
-        ({"temperature": 0.7, "top_k": 0, "top_p": 0.9},
-         {"temperature": 0.7, "top_k": 0, "top_p": 0.9}),
+        (
+            {"do_sample": False, "temperature": 0.3, "top_k": 3, "top_p": 0.5},
+            {"temperature": 0.0, "top_k": 0, "top_p": 1.0},
+        ),
+        (
+            {"temperature": 0.7, "top_k": 0, "top_p": 0.9},
+            {"temperature": 0.7, "top_k": 0, "top_p": 0.9},
+        ),
         ({"max_new_tokens": 5, "min_new_tokens": 3}, {"max_tokens": 5, "min_tokens": 3}),
         ({"num_return_sequences": 3}, {"n": 3}),
         ({"eos_token_id": [5, 6]}, {"stop_token_ids": [5, 6]}),
@@ -64,8 +68,9 @@ def test_min_length_is_vllms_builtin_when_it_bans_the_same_eos(client, engine, t
 
 
 def test_rules_vllm_lacks_go_to_the_processor_and_vllms_step_is_neutral(client, engine):
-    p = params_for(client, engine, {"repetition_penalty": 1.3, "typical_p": 0.5,
-                                    "no_repeat_ngram_size": 2})
+    p = params_for(
+        client, engine, {"repetition_penalty": 1.3, "typical_p": 0.5, "no_repeat_ngram_size": 2}
+    )
     rules = p.extra_args[EXTRA_ARGS_KEY]
     assert rules["repetition_penalty"] == 1.3 and rules["no_repeat_ngram_size"] == 2
     # typical_p comes last in transformers' warper chain: the whole chain runs in ours.

@@ -60,15 +60,31 @@ def test_interleaved_schedule_alternates_live_systems(server_url: str, tmp_path:
 
 
 def test_streaming_bench_measures_our_server(server_url: str, tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "bench.bench_streaming", "--ours-url", server_url,
-            "--tokens", "4", "--concurrency", "1", "2", "--repeat", "2", "--c1-rounds", "2",
-            "--out", str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.bench_streaming",
+        "--ours-url",
+        server_url,
+        "--tokens",
+        "4",
+        "--concurrency",
+        "1",
+        "2",
+        "--repeat",
+        "2",
+        "--c1-rounds",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "streaming.json").read_text())
     results = report["results"]
-    assert set(results) == {f"ours {route} c={c}" for route in ("/chat", "/v1/completions")
-                            for c in (1, 2)}
+    assert set(results) == {
+        f"ours {route} c={c}" for route in ("/chat", "/v1/completions") for c in (1, 2)
+    }
     assert results["ours /chat c=1"]["n"] == 2 * 2  # two rounds, two repetitions
     assert len(results["ours /chat c=2"]["repetitions"]) == 2
     for r in results.values():

@@ -15,20 +15,12 @@ import httpx
 import pytest
 import torch
 
+from bench.workload import continuation_prompts
 from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "My favourite recipe for pancakes starts with",
-    "In 1969, the first humans",
-    "Photosynthesis is the process by which",
-]
+PROMPTS = continuation_prompts()[:8]
 BEAM = {"do_sample": False, "num_beams": 4, "max_new_tokens": 12, "output_scores": True}
 SAMPLE = {"do_sample": True, "top_k": 20, "max_new_tokens": 12}
 GROUP = {

@@ -22,23 +22,13 @@ import torch
 
 from app.engines.group_beam import group_beam_search
 from app.pipeline_text import PipelineDecoder
+from bench.workload import continuation_prompts
 
 pytestmark = pytest.mark.integration
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "group_beam_reference.json"
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "My favourite recipe for pancakes starts with",
-    "In 1969, the first humans",
-    "A list of prime numbers: 2, 3, 5,",
-    "Translate to French: Good morning ->",
-    "Photosynthesis is the process by which",
-]
+PROMPTS = continuation_prompts()[:10]
 MAX_NEW_TOKENS = 10
 SETTINGS = [
     {"num_beams": 4, "num_return_sequences": 2},

@@ -9,24 +9,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.pipeline_text import PipelineDecoder
+from bench.workload import continuation_prompts
 from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "My favourite recipe for pancakes starts with",
-    "In 1969, the first humans",
-    "The quick brown fox",
-    "A list of prime numbers: 2, 3, 5,",
-    "Translate to French: Good morning ->",
-    "Photosynthesis is the process by which",
-    "The best way to learn a language is",
-]
+PROMPTS = continuation_prompts()[:12]
 
 
 def chat(url: str, payload: dict, timeout: float = 120) -> httpx.Response:
@@ -65,7 +53,9 @@ def test_min_and_max_length(server_url, hf_tokenizer):
     prompt = "Hi"
     prompt_len = len(hf_tokenizer.encode(prompt))
     for _ in range(3):
-        r = chat(server_url, {"prompt": prompt, "generate_kwargs": {"min_length": 30, "max_length": 40}})
+        r = chat(
+            server_url, {"prompt": prompt, "generate_kwargs": {"min_length": 30, "max_length": 40}}
+        )
         total = prompt_len + r.json()["usage"]["completion_tokens"]
         assert 30 <= total <= 40
 
@@ -78,10 +68,14 @@ def reference(hf_model, hf_tokenizer):
         ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=max_new_tokens, pad_token_id=hf_tokenizer.eos_token_id, **kwargs,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=hf_tokenizer.eos_token_id,
+                **kwargs,
             )
-        return out[0, ids.shape[1]:].tolist()
+        return out[0, ids.shape[1] :].tolist()
 
     return generate
 
@@ -90,17 +84,32 @@ def reference(hf_model, hf_tokenizer):
 def test_greedy_matches_transformers(server_url, reference, hf_tokenizer, prompt):
     new_tokens = 24
     expected_ids = reference(prompt, new_tokens)
-    r = chat(server_url, {"prompt": prompt, "return_full_text": False,
-                          "generate_kwargs": {"do_sample": False, "max_new_tokens": new_tokens}})
+    r = chat(
+        server_url,
+        {
+            "prompt": prompt,
+            "return_full_text": False,
+            "generate_kwargs": {"do_sample": False, "max_new_tokens": new_tokens},
+        },
+    )
     assert r.status_code == 200, r.text
     prompt_ids = hf_tokenizer.encode(prompt)
     expected = PipelineDecoder(hf_tokenizer, prompt_ids, clean_up=False).new_text(expected_ids)
     assert r.json()["Result"] == expected
     assert r.json()["usage"]["completion_tokens"] == len(expected_ids)
     # Token for token: the ids themselves, which the reply carries with output_scores.
-    r = chat(server_url, {"prompt": prompt, "return_full_text": False,
-                          "generate_kwargs": {"do_sample": False, "max_new_tokens": new_tokens,
-                                              "output_scores": True}})
+    r = chat(
+        server_url,
+        {
+            "prompt": prompt,
+            "return_full_text": False,
+            "generate_kwargs": {
+                "do_sample": False,
+                "max_new_tokens": new_tokens,
+                "output_scores": True,
+            },
+        },
+    )
     assert r.status_code == 200, r.text
     assert [t["id"] for t in r.json()["sequences"][0]["tokens"]] == expected_ids
 
@@ -108,10 +117,21 @@ def test_greedy_matches_transformers(server_url, reference, hf_tokenizer, prompt
 def test_greedy_with_repetition_penalty_matches_transformers(server_url, reference, hf_tokenizer):
     for prompt in PROMPTS[:4]:
         expected_ids = reference(prompt, 20, repetition_penalty=1.3)
-        r = chat(server_url, {"prompt": prompt, "return_full_text": False,
-                              "generate_kwargs": {"do_sample": False, "max_new_tokens": 20,
-                                                  "repetition_penalty": 1.3}})
-        expected = PipelineDecoder(hf_tokenizer, hf_tokenizer.encode(prompt), False).new_text(expected_ids)
+        r = chat(
+            server_url,
+            {
+                "prompt": prompt,
+                "return_full_text": False,
+                "generate_kwargs": {
+                    "do_sample": False,
+                    "max_new_tokens": 20,
+                    "repetition_penalty": 1.3,
+                },
+            },
+        )
+        expected = PipelineDecoder(hf_tokenizer, hf_tokenizer.encode(prompt), False).new_text(
+            expected_ids
+        )
         assert r.json()["Result"] == expected
 
 
@@ -120,12 +140,21 @@ def test_concurrent_requests_are_batched(server_url):
         peak = 0.0
         async with httpx.AsyncClient(timeout=300) as client:
             tasks = [
-                asyncio.create_task(client.post(server_url + "/chat", json={
-                    "prompt": p, "generate_kwargs": {"max_new_tokens": 48, "min_new_tokens": 48}}))
+                asyncio.create_task(
+                    client.post(
+                        server_url + "/chat",
+                        json={
+                            "prompt": p,
+                            "generate_kwargs": {"max_new_tokens": 48, "min_new_tokens": 48},
+                        },
+                    )
+                )
                 for p in (PROMPTS + PROMPTS)[:16]
             ]
             while not all(t.done() for t in tasks):
-                peak = max(peak, await asyncio.to_thread(metric, server_url, "vllm:num_requests_running"))
+                peak = max(
+                    peak, await asyncio.to_thread(metric, server_url, "vllm:num_requests_running")
+                )
                 await asyncio.sleep(0.2)
             return [t.result() for t in tasks], peak
 

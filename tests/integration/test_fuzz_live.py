@@ -26,7 +26,9 @@ def cap_generation(body: object) -> None:
         body["generate_kwargs"] = {"max_new_tokens": CAP_NEW_TOKENS}
     elif isinstance(kwargs, dict):
         given = kwargs.get("max_new_tokens")
-        if not (isinstance(given, int) and not isinstance(given, bool) and 1 <= given <= CAP_NEW_TOKENS):
+        if not (
+            isinstance(given, int) and not isinstance(given, bool) and 1 <= given <= CAP_NEW_TOKENS
+        ):
             kwargs["max_new_tokens"] = CAP_NEW_TOKENS
 
 
@@ -37,8 +39,12 @@ def test_chat_never_answers_5xx(server_url):
     chat = schema["/chat"]["POST"]
     seen: list[int] = []
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=chat.as_strategy())
     def check(case) -> None:
         cap_generation(case.body)
@@ -52,6 +58,10 @@ def test_chat_never_answers_5xx(server_url):
 
 
 def test_engine_still_serves_after_the_fuzz(server_url):
-    r = httpx.post(server_url + "/chat", json={"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 4}}, timeout=60)
+    r = httpx.post(
+        server_url + "/chat",
+        json={"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 4}},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(server_url + "/health").status_code == 200

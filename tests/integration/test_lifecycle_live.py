@@ -21,13 +21,18 @@ ADMIT = 3
 
 
 def post_many(url: str, n: int, new_tokens: int) -> list[httpx.Response | Exception]:
-    payload = {"prompt": "Count slowly:", "generate_kwargs": {
-        "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
+    payload = {
+        "prompt": "Count slowly:",
+        "generate_kwargs": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens},
+    }
 
     async def run() -> list[httpx.Response | Exception]:
-        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
+        async with httpx.AsyncClient(
+            timeout=300, limits=httpx.Limits(max_connections=100)
+        ) as client:
             return await asyncio.gather(
-                *(client.post(url + "/chat", json=payload) for _ in range(n)), return_exceptions=True
+                *(client.post(url + "/chat", json=payload) for _ in range(n)),
+                return_exceptions=True,
             )
 
     return asyncio.run(run())
@@ -43,28 +48,51 @@ def hostile_model(model_dir, tmp_path_factory, hf_model, hf_tokenizer):
     greedy ids from transformers on the untouched model."""
     ids = hf_tokenizer(GREEDY_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=24, pad_token_id=hf_tokenizer.eos_token_id)
-    reference = out[0, ids.shape[1]:].tolist()
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=24,
+            pad_token_id=hf_tokenizer.eos_token_id,
+        )
+    reference = out[0, ids.shape[1] :].tolist()
     copy = tmp_path_factory.mktemp("hostile-generation-config")
     for f in model_dir.iterdir():
         if f.name != "generation_config.json":
             (copy / f.name).symlink_to(f)
-    (copy / "generation_config.json").write_text(json.dumps({
-        # The third reference token as an extra EOS: applying it would end greedy early.
-        "eos_token_id": [hf_tokenizer.eos_token_id, reference[2]],
-        "bos_token_id": hf_tokenizer.bos_token_id,
-        "do_sample": True, "temperature": 0.01, "top_k": 1, "top_p": 0.1,
-        "repetition_penalty": 2.0, "max_new_tokens": 3, "max_length": 8,
-    }))
+    (copy / "generation_config.json").write_text(
+        json.dumps(
+            {
+                # The third reference token as an extra EOS: applying it would end greedy early.
+                "eos_token_id": [hf_tokenizer.eos_token_id, reference[2]],
+                "bos_token_id": hf_tokenizer.bos_token_id,
+                "do_sample": True,
+                "temperature": 0.01,
+                "top_k": 1,
+                "top_p": 0.1,
+                "repetition_penalty": 2.0,
+                "max_new_tokens": 3,
+                "max_length": 8,
+            }
+        )
+    )
     return copy, reference
 
 
 @pytest.fixture(scope="module")
 def small_server(hostile_model, tmp_path_factory):
     server = ServerProcess(
-        ["--enforce-eager", "--model", str(hostile_model[0]), "--max-model-len", "512",
-         "--max-concurrent-requests", str(ADMIT), "--shutdown-grace-seconds", "120"],
+        [
+            "--enforce-eager",
+            "--model",
+            str(hostile_model[0]),
+            "--max-model-len",
+            "512",
+            "--max-concurrent-requests",
+            str(ADMIT),
+            "--shutdown-grace-seconds",
+            "120",
+        ],
         tmp_path_factory.mktemp("small") / "server.log",
     )
     try:
@@ -93,16 +121,27 @@ def test_burst_past_the_admission_limit(small_server):
 
 def test_the_models_generation_config_never_overrides_a_request(small_server, hostile_model):
     reference = hostile_model[1]
-    r = httpx.post(small_server.url + "/chat", timeout=120, json={
-        "prompt": GREEDY_PROMPT, "return_full_text": False,
-        "generate_kwargs": {"do_sample": False, "max_new_tokens": 24, "output_scores": True}})
+    r = httpx.post(
+        small_server.url + "/chat",
+        timeout=120,
+        json={
+            "prompt": GREEDY_PROMPT,
+            "return_full_text": False,
+            "generate_kwargs": {"do_sample": False, "max_new_tokens": 24, "output_scores": True},
+        },
+    )
     assert r.status_code == 200, r.text
     # Not cut at the file's extra EOS or max_new_tokens, no repetition penalty 2.0.
     assert [t["id"] for t in r.json()["sequences"][0]["tokens"]] == reference
     # Kaito's sampling defaults (top_k 10, temperature 1), not the file's near-greedy ones.
-    r = httpx.post(small_server.url + "/chat", timeout=120, json={
-        "prompt": GREEDY_PROMPT,
-        "generate_kwargs": {"num_return_sequences": 4, "max_new_tokens": 16}})
+    r = httpx.post(
+        small_server.url + "/chat",
+        timeout=120,
+        json={
+            "prompt": GREEDY_PROMPT,
+            "generate_kwargs": {"num_return_sequences": 4, "max_new_tokens": 16},
+        },
+    )
     assert r.status_code == 200, r.text
     assert len({s["text"] for s in r.json()["sequences"]}) > 1
 
@@ -113,13 +152,20 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
     new_tokens = 300
 
     async def scenario() -> tuple[list[httpx.Response], int, int]:
-        payload = {"prompt": "Tell a story:",
-                   "generate_kwargs": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
+        payload = {
+            "prompt": "Tell a story:",
+            "generate_kwargs": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens},
+        }
         async with httpx.AsyncClient(timeout=300) as client:
-            tasks = [asyncio.create_task(client.post(small_server.url + "/chat", json=payload))
-                     for _ in range(ADMIT)]
+            tasks = [
+                asyncio.create_task(client.post(small_server.url + "/chat", json=payload))
+                for _ in range(ADMIT)
+            ]
             deadline = time.monotonic() + 60
-            while await asyncio.to_thread(metric, small_server.url, "vllm:num_requests_running") < ADMIT:
+            while (
+                await asyncio.to_thread(metric, small_server.url, "vllm:num_requests_running")
+                < ADMIT
+            ):
                 assert time.monotonic() < deadline, "the requests never all ran"
                 await asyncio.sleep(0.1)
             small_server.proc.send_signal(signal.SIGTERM)
@@ -136,18 +182,30 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(small_server):
 
 
 def test_engine_death_turns_health_503_and_exits_non_zero(model_dir, tmp_path):
-    server = ServerProcess(["--enforce-eager", "--model", str(model_dir), "--max-model-len", "512"],
-                           tmp_path / "server.log")
+    server = ServerProcess(
+        ["--enforce-eager", "--model", str(model_dir), "--max-model-len", "512"],
+        tmp_path / "server.log",
+    )
     try:
         server.wait_healthy()
-        engines = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        engines = [
+            p
+            for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]
         assert engines, "no engine core process found"
 
         async def in_flight_then_kill() -> tuple[httpx.Response | Exception, float]:
             async with httpx.AsyncClient(timeout=60) as client:
-                pending = asyncio.create_task(client.post(server.url + "/chat", json={
-                    "prompt": "Go on:", "generate_kwargs": {"max_new_tokens": 300, "min_new_tokens": 300}}))
+                pending = asyncio.create_task(
+                    client.post(
+                        server.url + "/chat",
+                        json={
+                            "prompt": "Go on:",
+                            "generate_kwargs": {"max_new_tokens": 300, "min_new_tokens": 300},
+                        },
+                    )
+                )
                 await asyncio.sleep(2)
                 for p in engines:
                     p.kill()

@@ -1,4 +1,4 @@
-"""The official openai client against our /v1 routes on the real engine (issue 8)."""
+"""The official openai client against our /v1 routes on the real engine."""
 
 import httpx
 import openai

@@ -14,23 +14,14 @@ import pytest
 import torch
 
 from app.pipeline_text import PipelineDecoder
+from bench.workload import continuation_prompts
 
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 16
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "My favourite recipe for pancakes starts with",
-    "In 1969, the first humans",
-    "The quick brown fox",
-    "A list of prime numbers: 2, 3, 5,",
-    "Hello",  # one token: forced_bos_token_id applies
-]
+# "Hello" is one token: forced_bos_token_id applies.
+PROMPTS = [*continuation_prompts()[:9], "Hello"]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +33,14 @@ def reference(hf_model, hf_tokenizer):
         kwargs.setdefault("max_new_tokens", NEW_TOKENS)
         with torch.no_grad():
             out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                eos_token_id=hf_tokenizer.eos_token_id,
+                pad_token_id=hf_tokenizer.eos_token_id,
                 **kwargs,
             )
-        return out[0, ids.shape[1]:].tolist()
+        return out[0, ids.shape[1] :].tolist()
 
     return generate
 
@@ -89,17 +83,24 @@ CASES = {
     "forced_bos_token_id": lambda ids, plain: {"forced_bos_token_id": 30},
     "forced_eos_token_id=eos": lambda ids, plain: {"forced_eos_token_id": 2, "max_new_tokens": 9},
     "forced_eos_token_id=other": lambda ids, plain: {
-        "forced_eos_token_id": 30, "max_new_tokens": 7,
+        "forced_eos_token_id": 30,
+        "max_new_tokens": 7,
     },
     "remove_invalid_values": lambda ids, plain: {
-        "remove_invalid_values": True, "no_repeat_ngram_size": 2,
+        "remove_invalid_values": True,
+        "no_repeat_ngram_size": 2,
     },
     "combo: penalty + n-grams + bad words": lambda ids, plain: {
-        "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, **bans(ids, plain),
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 3,
+        **bans(ids, plain),
     },
     "combo: min length + forced eos + encoder n-grams": lambda ids, plain: {
-        "min_new_tokens": 12, "forced_eos_token_id": 2, "max_new_tokens": 14,
-        "encoder_no_repeat_ngram_size": 3, "remove_invalid_values": True,
+        "min_new_tokens": 12,
+        "forced_eos_token_id": 2,
+        "max_new_tokens": 14,
+        "encoder_no_repeat_ngram_size": 3,
+        "remove_invalid_values": True,
     },
 }
 
@@ -144,9 +145,14 @@ def test_scores_match_transformers_transition_scores(server_url, hf_model, hf_to
         ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
-                output_scores=True, return_dict_in_generate=True, **kwargs,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                eos_token_id=hf_tokenizer.eos_token_id,
+                pad_token_id=hf_tokenizer.eos_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **kwargs,
             )
         want_logprobs = hf_model.compute_transition_scores(
             out.sequences, out.scores, normalize_logits=True
@@ -154,7 +160,7 @@ def test_scores_match_transformers_transition_scores(server_url, hf_model, hf_to
         r = chat(server_url, prompt, {**kwargs, "output_scores": True})
         assert r.status_code == 200, r.text
         seq = r.json()["sequences"][0]
-        assert [t["id"] for t in seq["tokens"]] == out.sequences[0, ids.shape[1]:].tolist()
+        assert [t["id"] for t in seq["tokens"]] == out.sequences[0, ids.shape[1] :].tolist()
         got = [t["logprob"] for t in seq["tokens"]]
         assert got == pytest.approx(want_logprobs, abs=2e-3)
         assert seq["sequence_score"] == pytest.approx(sum(got), abs=1e-4)

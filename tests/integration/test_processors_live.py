@@ -27,17 +27,35 @@ def ngrams(seq: list[int], n: int) -> list[tuple[int, ...]]:
     return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
-GREEDY_A = ("Once upon a time, in a small village,",
-            {"do_sample": False, "max_new_tokens": 16, "no_repeat_ngram_size": 2,
-             "output_scores": True})
-GREEDY_B = ("The capital of France is",
-            {"do_sample": False, "max_new_tokens": 16, "output_scores": True})
-GREEDY_C = ("def fibonacci(n):",
-            {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 1.3,
-             "bad_words_ids": [[220], [28, 28]], "output_scores": True})
-SAMPLED = ("The three primary colors are",
-           {"do_sample": True, "typical_p": 0.7, "temperature": 0.9, "max_new_tokens": 16,
-            "no_repeat_ngram_size": 3, "num_return_sequences": 2})
+GREEDY_A = (
+    "Once upon a time, in a small village,",
+    {"do_sample": False, "max_new_tokens": 16, "no_repeat_ngram_size": 2, "output_scores": True},
+)
+GREEDY_B = (
+    "The capital of France is",
+    {"do_sample": False, "max_new_tokens": 16, "output_scores": True},
+)
+GREEDY_C = (
+    "def fibonacci(n):",
+    {
+        "do_sample": False,
+        "max_new_tokens": 16,
+        "repetition_penalty": 1.3,
+        "bad_words_ids": [[220], [28, 28]],
+        "output_scores": True,
+    },
+)
+SAMPLED = (
+    "The three primary colors are",
+    {
+        "do_sample": True,
+        "typical_p": 0.7,
+        "temperature": 0.9,
+        "max_new_tokens": 16,
+        "no_repeat_ngram_size": 3,
+        "num_return_sequences": 2,
+    },
+)
 PLAIN_SAMPLED = ("Water boils at", {"do_sample": True, "max_new_tokens": 16})
 
 
@@ -64,9 +82,16 @@ def test_sampled_rules_hold(server_url, hf_tokenizer):
     prompt_ids = hf_tokenizer.encode(prompt)
     banned_word = [hf_tokenizer.encode(" apple", add_special_tokens=False)[0]]
     kwargs = {
-        "do_sample": True, "temperature": 1.2, "typical_p": 0.9, "num_return_sequences": 4,
-        "max_new_tokens": 24, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 3,
-        "bad_words_ids": [banned_word, [11, 29]], "min_new_tokens": 10, "output_scores": True,
+        "do_sample": True,
+        "temperature": 1.2,
+        "typical_p": 0.9,
+        "num_return_sequences": 4,
+        "max_new_tokens": 24,
+        "no_repeat_ngram_size": 2,
+        "encoder_no_repeat_ngram_size": 3,
+        "bad_words_ids": [banned_word, [11, 29]],
+        "min_new_tokens": 10,
+        "output_scores": True,
     }
     for _ in range(3):
         r = chat(server_url, prompt, kwargs)
@@ -88,9 +113,15 @@ def test_sampled_rules_hold(server_url, hf_tokenizer):
 
 def test_forced_tokens_under_sampling(server_url, hf_tokenizer):
     # min_new_tokens keeps a sampled eos from ending a sequence before the forced one.
-    kwargs = {"do_sample": True, "max_new_tokens": 6, "min_new_tokens": 6,
-              "forced_bos_token_id": 30, "forced_eos_token_id": 31, "num_return_sequences": 3,
-              "output_scores": True}
+    kwargs = {
+        "do_sample": True,
+        "max_new_tokens": 6,
+        "min_new_tokens": 6,
+        "forced_bos_token_id": 30,
+        "forced_eos_token_id": 31,
+        "num_return_sequences": 3,
+        "output_scores": True,
+    }
     r = chat(server_url, "Hi", kwargs)
     assert r.status_code == 200, r.text
     assert len(hf_tokenizer.encode("Hi")) == 1
@@ -112,10 +143,13 @@ def random_kwargs(rng: random.Random) -> dict:
         "repetition_penalty": lambda: rng.choice([1.0, 0.5, 1.3, 10.0, 1e-3]),
         "no_repeat_ngram_size": lambda: rng.choice([0, 1, 2, 3, 7, 50, 2048]),
         "encoder_no_repeat_ngram_size": lambda: rng.choice([0, 1, 2, 4, 2048]),
-        "bad_words_ids": lambda: [
-            [rng.randrange(49152) for _ in range(rng.randint(1, 3))]
-            for _ in range(rng.randint(1, 6))
-        ] + [[0], [49151], [13, 13, 13]],
+        "bad_words_ids": lambda: (
+            [
+                [rng.randrange(49152) for _ in range(rng.randint(1, 3))]
+                for _ in range(rng.randint(1, 6))
+            ]
+            + [[0], [49151], [13, 13, 13]]
+        ),
         "min_new_tokens": lambda: rng.choice([0, 1, 5, 100]),
         "min_length": lambda: rng.choice([0, 3, 50]),
         "forced_bos_token_id": lambda: rng.choice([0, 1, 2, 49151]),
@@ -132,14 +166,22 @@ def random_kwargs(rng: random.Random) -> dict:
 
 def test_fuzz_random_valid_combinations(server_url):
     rng = random.Random(1234)
-    prompts = ["Hi", "The capital of France is", "a a a a a a a a", "1, 2, 3, 4, 5, 6,",
-               "def f(x):\n    return x"]
+    prompts = [
+        "Hi",
+        "The capital of France is",
+        "a a a a a a a a",
+        "1, 2, 3, 4, 5, 6,",
+        "def f(x):\n    return x",
+    ]
     jobs = [(rng.choice(prompts), random_kwargs(rng)) for _ in range(60)]
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda job: chat(server_url, *job), jobs))
     statuses = [r.status_code for r in replies]
-    bad = [(job, r.status_code, r.text) for job, r in zip(jobs, replies, strict=True)
-           if not (r.status_code == 200 or 400 <= r.status_code < 500)]
+    bad = [
+        (job, r.status_code, r.text)
+        for job, r in zip(jobs, replies, strict=True)
+        if not (r.status_code == 200 or 400 <= r.status_code < 500)
+    ]
     assert not bad, bad
     assert statuses.count(200) >= 40, statuses
     for (_, kwargs), r in zip(jobs, replies, strict=True):

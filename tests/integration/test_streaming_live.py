@@ -1,4 +1,4 @@
-"""Streamed /chat on the real engine (issue 8): the same text as the plain reply, events
+"""Streamed /chat on the real engine: the same text as the plain reply, events
 as they are generated, and a dropped stream frees its engine slot."""
 
 import json

@@ -73,7 +73,9 @@ async def test_auto_serves_with_transformers_when_vllm_lacks_the_architecture():
     engine, vllm, hf = make(supports=False)
     await engine.start()
     assert hf.started and not vllm.started and engine.vllm is None
-    assert engine.name == "hf" and engine.tokenizer == "hf-tokenizer" and engine.max_model_len == 456
+    assert (
+        engine.name == "hf" and engine.tokenizer == "hf-tokenizer" and engine.max_model_len == 456
+    )
     assert (await engine.generate(req())).backend == "hf"
     assert (await engine.generate(req(beam=BeamSpec(num_beams=2)))).backend == "hf"
 

@@ -1,4 +1,4 @@
-"""The prompt builder for /chat ``messages`` (issue 8), against the tokenizer itself."""
+"""The prompt builder for /chat ``messages``, against the tokenizer itself."""
 
 import pytest
 from transformers import AutoTokenizer

@@ -9,8 +9,11 @@ from app.engines.vllm_engine import VLLMEngine, configure_vllm_environment, usab
 from app.settings import Settings, load_settings
 
 ENGINE_ENV = (
-    "VLLM_USE_V2_MODEL_RUNNER", "VLLM_LOGGING_LEVEL", "VLLM_CPU_NUM_OF_RESERVED_CPU",
-    "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_USE_V2_MODEL_RUNNER",
+    "VLLM_LOGGING_LEVEL",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    "OMP_NUM_THREADS",
+    "VLLM_CPU_KVCACHE_SPACE",
 )
 
 

@@ -22,13 +22,30 @@ def plan(kwargs=None, prompt_tokens=5, prefix_tokens=0, max_model_len=1000, hole
 
 def test_kaito_defaults_verbatim():
     assert KAITO_DEFAULTS == {
-        "max_length": 200, "min_length": 0, "do_sample": True, "early_stopping": False,
-        "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0,
-        "top_k": 10, "top_p": 1, "typical_p": 1, "repetition_penalty": 1, "length_penalty": 1,
-        "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-        "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
-        "pad_token_id": None, "eos_token_id": None, "forced_bos_token_id": None,
-        "forced_eos_token_id": None, "remove_invalid_values": None,
+        "max_length": 200,
+        "min_length": 0,
+        "do_sample": True,
+        "early_stopping": False,
+        "num_beams": 1,
+        "num_beam_groups": 1,
+        "diversity_penalty": 0.0,
+        "temperature": 1.0,
+        "top_k": 10,
+        "top_p": 1,
+        "typical_p": 1,
+        "repetition_penalty": 1,
+        "length_penalty": 1,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "bad_words_ids": None,
+        "num_return_sequences": 1,
+        "output_scores": False,
+        "return_dict_in_generate": False,
+        "pad_token_id": None,
+        "eos_token_id": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "remove_invalid_values": None,
     }
 
 
@@ -69,8 +86,16 @@ def test_greedy_ignores_sampling_values():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1.0}, {"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
-     {"typical_p": 0.0}, {"typical_p": 2.0}, {"num_beams": 2, "top_p": 0}],
+    [
+        {"temperature": -1.0},
+        {"temperature": 0},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"typical_p": 0.0},
+        {"typical_p": 2.0},
+        {"num_beams": 2, "top_p": 0},
+    ],
 )
 def test_greedy_and_plain_beams_ignore_out_of_range_warper_values(kwargs):
     # transformers 5 generate(do_sample=False, ...) warns and ignores these (checked on
@@ -81,8 +106,15 @@ def test_greedy_and_plain_beams_ignore_out_of_range_warper_values(kwargs):
 
 
 def test_sampling_values_pass_through():
-    s = plan({"temperature": 0.7, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.3,
-              "num_return_sequences": 3}).sampling
+    s = plan(
+        {
+            "temperature": 0.7,
+            "top_k": 0,
+            "top_p": 0.9,
+            "repetition_penalty": 1.3,
+            "num_return_sequences": 3,
+        }
+    ).sampling
     assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.n) == (0.7, 0, 0.9, 1.3, 3)
 
 
@@ -128,15 +160,30 @@ ERRORS = [
     ({"temperature": math.nan}, {}, "generate_kwargs.temperature", "finite"),
     ({"repetition_penalty": 0}, {}, "generate_kwargs.repetition_penalty", "strictly positive"),
     ({"typical_p": 0}, {}, "generate_kwargs.typical_p", "(0, 1]"),
-    ({"num_return_sequences": 2, "do_sample": False}, {}, "generate_kwargs.num_return_sequences", "greedy"),
+    (
+        {"num_return_sequences": 2, "do_sample": False},
+        {},
+        "generate_kwargs.num_return_sequences",
+        "greedy",
+    ),
     ({"num_return_sequences": 0}, {}, "generate_kwargs.num_return_sequences", ">= 1"),
     ({"max_length": 5}, {}, "generate_kwargs.max_length", "leave room"),
     ({"max_length": 0}, {}, "generate_kwargs.max_length", ">= 1"),
     ({"max_new_tokens": 0}, {}, "generate_kwargs.max_new_tokens", ">= 1"),
     ({"min_length": -1}, {}, "generate_kwargs.min_length", ">= 0"),
-    ({"max_new_tokens": 10}, {"prompt_tokens": 995, "max_model_len": 1000}, "generate_kwargs.max_new_tokens", "context length 1000"),
-    ({"max_new_tokens": 1000}, {"max_model_len": 1000, "hole": "hole"}, "generate_kwargs.max_new_tokens", "even with"),
-    ({}, {"hole": "middle"}, "handle_long_generation", "null or \"hole\""),
+    (
+        {"max_new_tokens": 10},
+        {"prompt_tokens": 995, "max_model_len": 1000},
+        "generate_kwargs.max_new_tokens",
+        "context length 1000",
+    ),
+    (
+        {"max_new_tokens": 1000},
+        {"max_model_len": 1000, "hole": "hole"},
+        "generate_kwargs.max_new_tokens",
+        "even with",
+    ),
+    ({}, {"hole": "middle"}, "handle_long_generation", 'null or "hole"'),
     ({"max_length": "abc"}, {}, "generate_kwargs.max_length", "integer"),
     ({"do_sample": "yes"}, {}, "generate_kwargs.do_sample", "true or false"),
     ({"early_stopping": "sometimes"}, {}, "generate_kwargs.early_stopping", "never"),

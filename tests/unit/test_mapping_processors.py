@@ -14,7 +14,10 @@ SPECIAL = SpecialTokens(eos_token_id=2, pad_token_id=2, bos_token_id=1, vocab_si
 
 def plan(kwargs=None, prompt_tokens=5, max_model_len=1000):
     return to_generation_plan(
-        kwargs, prompt_tokens=prompt_tokens, prefix_tokens=0, special=SPECIAL,
+        kwargs,
+        prompt_tokens=prompt_tokens,
+        prefix_tokens=0,
+        special=SPECIAL,
         max_model_len=max_model_len,
     )
 
@@ -76,9 +79,14 @@ def test_scores_ask_for_logprobs(kwargs, logprobs):
 
 def test_every_processor_value_stays_on_vllm():
     kwargs = {
-        "typical_p": 0.4, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 3,
-        "bad_words_ids": [[5], [6, 7]], "forced_bos_token_id": 1, "forced_eos_token_id": 2,
-        "remove_invalid_values": True, "output_scores": True,
+        "typical_p": 0.4,
+        "no_repeat_ngram_size": 2,
+        "encoder_no_repeat_ngram_size": 3,
+        "bad_words_ids": [[5], [6, 7]],
+        "forced_bos_token_id": 1,
+        "forced_eos_token_id": 2,
+        "remove_invalid_values": True,
+        "output_scores": True,
     }
     assert plan(kwargs).backend == "vllm"
 
@@ -132,8 +140,14 @@ def route(kwargs, **extra):
 
 
 def test_plain_requests_do_not_touch_the_processor():
-    for kwargs in ({}, {"do_sample": False}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9},
-                   {"bad_words_ids": [[7]]}, {"output_scores": True}, {"stop_strings": "x"}):
+    for kwargs in (
+        {},
+        {"do_sample": False},
+        {"temperature": 0.7, "top_k": 5, "top_p": 0.9},
+        {"bad_words_ids": [[7]]},
+        {"output_scores": True},
+        {"stop_strings": "x"},
+    ):
         assert route(kwargs) == ({}, {}), kwargs
 
 
@@ -197,13 +211,19 @@ def test_forced_eos_is_due_at_the_last_new_token():
 
 def test_bans_and_forced_tokens_leave_vllm_sampling_alone():
     kwargs = {
-        "no_repeat_ngram_size": 2, "bad_words_ids": [[5], [6, 7]], "forced_bos_token_id": 1,
-        "remove_invalid_values": True, "temperature": 0.5, "top_k": 3,
+        "no_repeat_ngram_size": 2,
+        "bad_words_ids": [[5], [6, 7]],
+        "forced_bos_token_id": 1,
+        "remove_invalid_values": True,
+        "temperature": 0.5,
+        "top_k": 3,
     }
     overrides, extra = route(kwargs)
     assert overrides == {}
     assert extra[EXTRA_ARGS_KEY] == {
-        "no_repeat_ngram_size": 2, "bad_words_ids": [[6, 7]], "forced_bos_token_id": 1,
+        "no_repeat_ngram_size": 2,
+        "bad_words_ids": [[6, 7]],
+        "forced_bos_token_id": 1,
         "remove_invalid_values": True,
     }
 

@@ -50,7 +50,7 @@ def test_any_payload_maps_or_raises_parameter_error(kwargs, prompt_tokens, prefi
     assert isinstance(plan, GenerationPlan)
     s = plan.sampling
     # What reaches the engine is always within its rules.
-    assert 1 <= s.max_tokens and 0 <= s.min_tokens <= s.max_tokens
+    assert s.max_tokens >= 1 and 0 <= s.min_tokens <= s.max_tokens
     assert s.temperature >= 0 and 0 < s.top_p <= 1 and 0 <= s.top_k <= SPECIAL.vocab_size
     assert s.n >= 1
     assert all(0 <= t < SPECIAL.vocab_size for t in s.stop_token_ids)

@@ -45,9 +45,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -71,7 +78,9 @@ def replay_through_rules(
     assert not sampling or chain, "replay covers vLLM-free chains only; see test_processors_vllm"
 
     hf_kwargs = {
-        "do_sample": sampling, "max_new_tokens": spec.max_tokens, "eos_token_id": EOS,
+        "do_sample": sampling,
+        "max_new_tokens": spec.max_tokens,
+        "eos_token_id": EOS,
         "pad_token_id": EOS,
         **{k: v for k, v in kwargs.items() if k not in ("max_length", "min_length")},
     }
@@ -81,8 +90,12 @@ def replay_through_rules(
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), output_scores=True, output_logits=True,
-            return_dict_in_generate=True, **hf_kwargs,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **hf_kwargs,
         )
     output: list[int] = []
     state = RowState(rules, prompt, output)
@@ -121,9 +134,13 @@ GREEDY_CASES = [
     {"forced_eos_token_id": EOS, "min_new_tokens": 30},  # forced wins over the EOS ban
     {"remove_invalid_values": True, "no_repeat_ngram_size": 1, "repetition_penalty": 1.5},
     {
-        "repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 3,
-        "bad_words_ids": [[36], [44, 29], [5, 6, 9]], "min_new_tokens": 4,
-        "forced_eos_token_id": 4, "remove_invalid_values": True,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 2,
+        "encoder_no_repeat_ngram_size": 3,
+        "bad_words_ids": [[36], [44, 29], [5, 6, 9]],
+        "min_new_tokens": 4,
+        "forced_eos_token_id": 4,
+        "remove_invalid_values": True,
     },
 ]
 
@@ -157,9 +174,16 @@ SAMPLED_CASES = [
     {"typical_p": 0.8, "top_p": 0.9},
     {"typical_p": 0.95, "temperature": 0.8, "top_k": 12, "top_p": 0.85},
     {
-        "typical_p": 0.7, "temperature": 1.2, "top_k": 30, "top_p": 0.95,
-        "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "bad_words_ids": [[36], [5, 6, 9]],
-        "min_new_tokens": 3, "forced_eos_token_id": 4, "remove_invalid_values": True,
+        "typical_p": 0.7,
+        "temperature": 1.2,
+        "top_k": 30,
+        "top_p": 0.95,
+        "repetition_penalty": 1.3,
+        "no_repeat_ngram_size": 2,
+        "bad_words_ids": [[36], [5, 6, 9]],
+        "min_new_tokens": 3,
+        "forced_eos_token_id": 4,
+        "remove_invalid_values": True,
     },
 ]
 
@@ -191,8 +215,15 @@ def transformers_warpers(temperature: float, top_k: int, top_p: float, typical_p
 @pytest.mark.parametrize("typical_p", [0.05, 0.2, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"),
-    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.5, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.8),
-     (0.6, 100, 0.9), (2.0, 5, 0.5)],
+    [
+        (1.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.5, 0, 1.0),
+        (1.0, 40, 1.0),
+        (1.0, 0, 0.8),
+        (0.6, 100, 0.9),
+        (2.0, 5, 0.5),
+    ],
 )
 def test_typical_warper_distribution_equals_transformers(typical_p, temperature, top_k, top_p):
     generator = torch.Generator().manual_seed(int(typical_p * 1000) + top_k)
@@ -264,8 +295,13 @@ def test_ngram_index_verifies_hash_hits():
 
 def test_parse_round_trip():
     raw = {
-        "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "bad_words_ids": [[1, 2]],
-        "min_new_tokens": 2, "eos_token_ids": [2], "forced_eos_token_id": 2, "forced_eos_at": 9,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 3,
+        "bad_words_ids": [[1, 2]],
+        "min_new_tokens": 2,
+        "eos_token_ids": [2],
+        "forced_eos_token_id": 2,
+        "forced_eos_at": 9,
         "warpers": {"temperature": 0.5, "top_k": 3, "top_p": 0.9, "typical_p": 0.4},
     }
     args = RuleArgs.parse(raw)

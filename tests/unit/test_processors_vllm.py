@@ -49,9 +49,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -84,16 +91,22 @@ def make_request(model, prompt: list[int], kwargs: dict, seed: int = 0) -> Reque
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec.max_tokens,
-            eos_token_id=EOS, pad_token_id=EOS, output_scores=True, output_logits=True,
-            return_dict_in_generate=True, **hf,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=spec.max_tokens,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **hf,
         )
     return Request(
         params=to_sampling_params(spec),
         prompt=prompt,
         raw=[x[0] for x in out.logits],
         expected=[x[0] for x in out.scores],
-        tokens=out.sequences[0, len(prompt):].tolist(),
+        tokens=out.sequences[0, len(prompt) :].tolist(),
     )
 
 
@@ -101,8 +114,12 @@ def new_processors() -> LogitsProcessors:
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=16))
     return LogitsProcessors(
         cls(config, CPU, False)
-        for cls in (MinTokensLogitsProcessor, LogitBiasLogitsProcessor, MinPLogitsProcessor,
-                    TransformersRulesProcessor)
+        for cls in (
+            MinTokensLogitsProcessor,
+            LogitBiasLogitsProcessor,
+            MinPLogitsProcessor,
+            TransformersRulesProcessor,
+        )
     )
 
 
@@ -161,14 +178,32 @@ CASES = [
     {"do_sample": False, "forced_eos_token_id": 3, "remove_invalid_values": True},
     # sampling with vLLM's own temperature / top-k / top-p after our processor
     {"do_sample": True, "temperature": 0.7, "top_k": 10, "top_p": 0.9},
-    {"do_sample": True, "temperature": 1.3, "top_k": 0, "top_p": 0.8,
-     "no_repeat_ngram_size": 1, "bad_words_ids": [[36], [5, 6, 9]]},
-    {"do_sample": True, "temperature": 0.9, "top_k": 5, "repetition_penalty": 1.4,
-     "min_new_tokens": 4, "forced_eos_token_id": 4},
+    {
+        "do_sample": True,
+        "temperature": 1.3,
+        "top_k": 0,
+        "top_p": 0.8,
+        "no_repeat_ngram_size": 1,
+        "bad_words_ids": [[36], [5, 6, 9]],
+    },
+    {
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_k": 5,
+        "repetition_penalty": 1.4,
+        "min_new_tokens": 4,
+        "forced_eos_token_id": 4,
+    },
     # typical_p: the whole warper chain in our processor, vLLM's neutralised
     {"do_sample": True, "typical_p": 0.6, "temperature": 0.8, "top_k": 20, "top_p": 0.95},
-    {"do_sample": True, "typical_p": 0.4, "top_k": 0, "repetition_penalty": 1.2,
-     "encoder_no_repeat_ngram_size": 3, "remove_invalid_values": True},
+    {
+        "do_sample": True,
+        "typical_p": 0.4,
+        "top_k": 0,
+        "repetition_penalty": 1.2,
+        "encoder_no_repeat_ngram_size": 3,
+        "remove_invalid_values": True,
+    },
 ]
 
 
@@ -254,7 +289,10 @@ def test_batch_isolation_under_continuous_batching(tiny_model):
     ]
     # n > 1: two children of one sampled request are two rows with their own outputs.
     child_kwargs = {
-        "do_sample": True, "typical_p": 0.5, "no_repeat_ngram_size": 2, "max_new_tokens": 12,
+        "do_sample": True,
+        "typical_p": 0.5,
+        "no_repeat_ngram_size": 2,
+        "max_new_tokens": 12,
     }
     waiting += [make_request(tiny_model, PROMPT, child_kwargs, seed=s) for s in (100, 101)]
     rng.shuffle(waiting)
@@ -302,12 +340,18 @@ def test_batch_isolation_under_continuous_batching(tiny_model):
 def test_to_sampling_params_carries_rules_and_scores():
     plan = to_generation_plan(
         {"typical_p": 0.5, "temperature": 0.7, "repetition_penalty": 1.2, "output_scores": True},
-        prompt_tokens=5, prefix_tokens=0, special=SPECIAL, max_model_len=512,
+        prompt_tokens=5,
+        prefix_tokens=0,
+        special=SPECIAL,
+        max_model_len=512,
     )
     params = to_sampling_params(plan.sampling)
     assert params.logprobs == 0
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (
-        1.0, 0, 1.0, 1.0,
+        1.0,
+        0,
+        1.0,
+        1.0,
     )
     TransformersRulesProcessor.validate_params(params)  # what the front end checks
     params.extra_args["kaito_transformers_rules"]["colour"] = 1

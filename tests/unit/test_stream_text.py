@@ -1,11 +1,11 @@
-"""Streamed /chat text (issue 8): per-token pieces from an incremental decode join into
+"""Streamed /chat text: per-token pieces from an incremental decode join into
 exactly the non-streamed reply's text, at a cost per token that does not grow.
 
 Two tokenizers, as in test_text_codec.py: the default model's byte-level BPE (multi-byte
 characters split across tokens) and a SentencePiece-style one (word boundaries).
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 from transformers import AutoTokenizer
@@ -58,7 +58,9 @@ class ScriptedEngine(FakeEngine):
         seq = GeneratedSequence(self.ids, "length", self._logprobs(request))
         return GenerationResult(sequences=[seq])
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[SequenceDelta, None]:
         logprobs = self._logprobs(request)
         for start in range(0, len(self.ids), self.chunk):
             end = start + self.chunk
