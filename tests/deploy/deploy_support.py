@@ -7,6 +7,7 @@ them, so CI cannot go green without rendering the manifests.
 """
 
 import fnmatch
+import json
 import shlex
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -47,6 +50,40 @@ CACHE_VARS = (
     "FLASHINFER_WORKSPACE_BASE",
     "CUDA_CACHE_PATH",
 )
+
+
+# Custom resources are not in Kubernetes' schemas: each kind we ship is validated against a
+# subset of its upstream CRD schema committed under schemas/ (fields we use, unknown
+# fields rejected, where the API server would prune them silently).
+SCHEMAS = Path(__file__).parent / "schemas"
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway-v1.json",
+    ("kaito.sh/v1beta1", "Workspace"): "workspace-kaito-v1beta1.json",
+}
+
+
+def validate_object(doc: dict[str, Any], version: str, where: str) -> None:
+    """Fails the test unless `doc` is valid: a core kind for Kubernetes `version` (strict:
+    unknown fields fail), a custom kind against its committed CRD schema."""
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRD_SCHEMAS:
+        schema = json.loads((SCHEMAS / CRD_SCHEMAS[key]).read_text())
+        errors = sorted(
+            jsonschema.Draft202012Validator(schema).iter_errors(doc), key=lambda e: list(e.path)
+        )
+        if errors:
+            pytest.fail(
+                f"{where} is invalid against {CRD_SCHEMAS[key]}:\n"
+                + "\n".join(f"  {'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+            )
+        return
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{where} is invalid for Kubernetes {version}: {exc}")
 
 
 def kubectl() -> str:

@@ -5,13 +5,10 @@ writable paths, shutdown)."""
 
 import ast
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import pytest
 from yamllint import linter
 from yamllint.config import YamlLintConfig
@@ -27,9 +24,8 @@ from tests.deploy.deploy_support import (
     REPO,
     Dockerfile,
     Rendered,
+    validate_object,
 )
-
-SERVICEMONITOR_SCHEMA = Path(__file__).parent / "schemas" / "servicemonitor-monitoring-v1.json"
 
 # Kaito's operator gives a model 30 minutes to load.
 STARTUP_BUDGET_S = 30 * 60
@@ -130,20 +126,9 @@ def test_overlays_render_the_expected_objects(renders: list[Rendered]) -> None:
 
 @pytest.mark.parametrize("version", [KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION])
 def test_objects_validate_against_kubernetes_schemas(renders: list[Rendered], version: str) -> None:
-    servicemonitor_schema = json.loads(SERVICEMONITOR_SCHEMA.read_text())
     for r in renders:
         for doc in r.docs:
-            where = f"{r.id}: {doc['kind']}/{doc['metadata']['name']}"
-            if doc["apiVersion"] == "monitoring.coreos.com/v1":
-                # A CRD: not in Kubernetes' schemas. Validated against the subset of the
-                # Prometheus Operator's CRD schema committed beside this test.
-                assert doc["kind"] == "ServiceMonitor", where
-                jsonschema.Draft202012Validator(servicemonitor_schema).validate(doc)
-                continue
-            try:
-                kubernetes_validate.validate(doc, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{where} is invalid for Kubernetes {version}: {exc}")
+            validate_object(doc, version, f"{r.id}: {doc['kind']}/{doc['metadata']['name']}")
 
 
 @pytest.fixture(scope="session")
