@@ -10,6 +10,7 @@ cluster wait.
 import importlib.util
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,12 +73,32 @@ def check_parallel_layout(
             )
 
 
-def connect_to_ray(address: str | None = None) -> Any:
+def connect_to_ray(address: str | None = None, timeout_s: float = 60) -> Any:
     """ray.init on an existing cluster (RAY_ADDRESS, else the one `ray start` runs on this
-    node); a clear StartupError when there is none, rather than a new private cluster."""
+    node); a clear StartupError when there is none, rather than a new private cluster.
+
+    A host:port address is first waited for with plain TCP connects, up to timeout_s (a
+    head that is still starting is fine): ray.init on an address where nothing listens
+    retries for minutes before it gives up."""
     import ray
 
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    host, sep, port = target.rpartition(":")
+    if sep and host and port.isdigit():
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                break
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"KAITO_DISTRIBUTED_EXECUTOR_BACKEND=ray: no Ray cluster at {target!r} "
+                        f"(nothing answered there for {timeout_s:g} s: {exc}). Start the head "
+                        "first (`ray start --head`; the multinode overlay's leader does), or "
+                        "fix RAY_ADDRESS"
+                    ) from exc
+                time.sleep(POLL_INTERVAL_S)
     try:
         ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as exc:
@@ -121,7 +142,7 @@ def wait_for_ray_cluster(settings: Settings, on_gpu: bool) -> None:
     """Blocks until the Ray cluster offers the engine's GPUs (tensor x pipeline parallel),
     or raises StartupError at KAITO_RAY_CLUSTER_TIMEOUT_SECONDS. vLLM itself would wait
     for its placement group for 30 minutes with nothing but a log line."""
-    ray = connect_to_ray()
+    ray = connect_to_ray(timeout_s=settings.ray_cluster_timeout_seconds)
     try:
         need = world_size(settings)
         if on_gpu:

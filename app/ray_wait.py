@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     timeout = args.timeout if args.timeout is not None else Settings().ray_cluster_timeout_seconds
     try:
-        ray = connect_to_ray(args.address)
+        ray = connect_to_ray(args.address, timeout)
         try:
 
             def describe() -> tuple[bool, str]:

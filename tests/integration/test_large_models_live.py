@@ -147,6 +147,9 @@ def test_tensor_parallel_2_matches_tensor_parallel_1_then_a_dead_worker_stops_th
                 break
             time.sleep(0.2)
         assert status in (0, 503), "/health stayed 200 after a worker died"
+        # vLLM's executor gives the surviving rank a 5 s grace to exit before the engine
+        # core reports the failure (measured here: 503 about 6.6 s after the kill).
+        assert time.monotonic() - killed < 20
         assert wait_exit(server, 120) != 0
     finally:
         server.stop()
@@ -288,14 +291,14 @@ def test_ray_wait_returns_once_the_nodes_joined_and_fails_when_they_never_do(
 def test_ray_wait_without_a_cluster_says_so() -> None:
     dead = f"127.0.0.1:{ray_port()}"
     result = subprocess.run(
-        [sys.executable, "-m", "app.ray_wait", "--address", dead, "--nodes", "1"],
+        [sys.executable, "-m", "app.ray_wait", "--address", dead, "--nodes", "1", "--timeout", "5"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=120,
     )
     assert result.returncode == 1
-    assert "no Ray cluster at" in result.stderr, result.stderr
+    assert f"no Ray cluster at '{dead}' (nothing answered there for 5 s" in result.stderr
 
 
 def ray_server(head: RayHead, model_dir: Path, log: Path, *args: str) -> ServerProcess:

@@ -3,6 +3,7 @@ starting an engine: KAITO_ENGINE_ARGS against vLLM's real AsyncEngineArgs, the p
 layout checks, the CPU thread binding per rank and the Ray cluster wait's timeout."""
 
 import json
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -224,3 +225,16 @@ def test_cluster_wait_times_out_with_what_it_saw():
     assert 10 <= now[0] <= 12
     calls = iter([(False, "a"), (True, "b")])
     assert wait_until(lambda: next(calls), 10, "x", sleep=sleep, clock=lambda: now[0]) == "b"
+
+
+def test_no_ray_cluster_at_an_address_fails_within_the_timeout():
+    """ray.init on an address where nothing listens retries for minutes; the TCP wait
+    before it gives up at the timeout, naming the address."""
+    from app.distributed import connect_to_ray
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(StartupError, match=f"no Ray cluster at '{address}'"):
+        connect_to_ray(address, timeout_s=1)
+    assert time.monotonic() - started < 10
