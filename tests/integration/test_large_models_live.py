@@ -84,6 +84,20 @@ def test_default_model_refuses_tensor_parallel_2(model_dir: Path, tmp_path: Path
         server.stop()
 
 
+def test_unknown_engine_argument_stops_start_up_at_once(model_dir: Path, tmp_path: Path) -> None:
+    server = ServerProcess(
+        ["--model", str(model_dir), "--engine-args", '{"block_sise": 32}'], tmp_path / "server.log"
+    )
+    try:
+        # Before any engine process: only the time to import vLLM's argument classes.
+        assert wait_exit(server, 180) != 0
+        log = server.log_path.read_text()
+        assert "KAITO_ENGINE_ARGS: 'block_sise' is not a vLLM engine argument" in log
+        assert "starting vLLM engine" not in log
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def reference_tokens(live_server: ServerProcess) -> dict[str, list[int]]:
     """Greedy tokens of the shared TP=1 server on the default model."""
@@ -120,12 +134,16 @@ def test_tensor_parallel_2_matches_tensor_parallel_1_then_a_dead_worker_stops_th
             "2",
             "--distributed-executor-backend",
             "mp",
+            # Merged into the engine's arguments: vLLM's scheduler reports the value.
+            "--engine-args",
+            '{"max_num_batched_tokens": 1024}',
         ],
         tmp_path / "server.log",
     )
     try:
         server.wait_healthy()
         log = server.log_path.read_text()
+        assert "Chunked prefill is enabled with max_num_batched_tokens=1024" in log
         # Two ranks, each bound to its own share of this machine's CPUs by the server.
         assert "VLLM_CPU_OMP_THREADS_BIND=" in log and "local_rank=1, core ids=" in log
         for prompt in PROMPTS:
