@@ -238,3 +238,22 @@ def test_no_ray_cluster_at_an_address_fails_within_the_timeout():
     with pytest.raises(StartupError, match=f"no Ray cluster at '{address}'"):
         connect_to_ray(address, timeout_s=1)
     assert time.monotonic() - started < 10
+
+
+def test_vllm_only_settings_stop_start_up_when_auto_picks_transformers():
+    import asyncio
+
+    from app.engines.dispatch import DispatchEngine
+
+    class NeverStarted:
+        async def start(self) -> None:
+            raise AssertionError("transformers must not load")
+
+    for kwargs in (
+        {"engine_args": '{"block_size": 16}'},
+        {"distributed_executor_backend": "mp"},
+        {"pipeline_parallel_size": 2},
+    ):
+        engine = DispatchEngine(Settings(**kwargs), hf=NeverStarted(), supports=lambda _: False)
+        with pytest.raises(StartupError, match="vLLM cannot serve"):
+            asyncio.run(engine.start())
