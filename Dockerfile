@@ -87,7 +87,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM build AS build-gpu
 RUN --mount=type=cache,target=/root/.cache/pip \
-    PYTHON=/opt/venv/bin/python INSTALL_EDITABLE=0 scripts/install.sh gpu
+    PYTHON=/opt/venv/bin/python INSTALL_EDITABLE=0 scripts/install.sh gpu ray
 
 ############################ weights baked in at /opt/model
 # `hf download` (huggingface_hub, a transformers dependency) fetches MODEL; Mistral

@@ -5,10 +5,12 @@ command-line flag (``KAITO_MAX_MODEL_LEN`` / ``--max-model-len``). As in vLLM, t
 command line takes precedence over the environment. The README lists them all.
 """
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+import yaml
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "kaito-chat" / "models" / "SmolLM2-135M-Instruct"
@@ -58,7 +60,39 @@ class Settings(BaseSettings):
         "transformers backend may load too (KAITO_BACKEND, KAITO_HF_FALLBACK), leave room "
         "for a second copy of the weights plus its activations (docs/BEAM.md).",
     )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs to shard each layer over (tensor parallel): the GPUs of one node "
+        "(docs/LARGE_MODELS.md).",
+    )
+    pipeline_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="Stages to split the model's layers into (pipeline parallel): the number "
+        "of nodes when one node's GPUs cannot hold the model. The engine uses tensor x "
+        "pipeline parallel GPUs (docs/LARGE_MODELS.md).",
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        default=None,
+        description="How vLLM runs its workers when it uses more than one device: mp "
+        "(processes on this node), ray (actors on a Ray cluster, needed across nodes; "
+        "install the `ray` extra). Unset: vLLM's default (mp on one node).",
+    )
+    ray_cluster_timeout_seconds: float = Field(
+        default=600,
+        gt=0,
+        description="With the ray backend: how long start-up waits for the Ray cluster to "
+        "offer the GPUs the engine needs (tensor x pipeline parallel) before it fails; "
+        "python -m app.ray_wait uses it as its default too.",
+    )
+    engine_args: str | None = Field(
+        default=None,
+        description="More vLLM engine arguments, merged into the server's: a JSON object, "
+        "or the path of a YAML or JSON file holding one (quantization, kv_cache_dtype, "
+        "block_size, enable_prefix_caching, speculative_config, ...). An unknown key, a "
+        "wrong type or a key another setting controls stops start-up (docs/LARGE_MODELS.md).",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Skip torch.compile / CUDA graphs: starts faster, runs slower (tests use it).",
@@ -146,9 +180,75 @@ class Settings(BaseSettings):
             raise ValueError(f"dtype must be one of {sorted(allowed)}, got {value!r}")
         return value
 
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_engine_args(value)
+        return value
+
+    @model_validator(mode="after")
+    def _vllm_only_settings(self) -> "Settings":
+        # transformers alone has no engine arguments nor distributed executor: refusing
+        # beats ignoring them.
+        if self.backend == "hf":
+            for name in ("engine_args", "distributed_executor_backend"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"KAITO_{name.upper()} is for the vLLM engine; KAITO_BACKEND=hf "
+                        "serves with transformers alone"
+                    )
+            if self.pipeline_parallel_size != 1:
+                raise ValueError(
+                    "KAITO_PIPELINE_PARALLEL_SIZE is for the vLLM engine; KAITO_BACKEND=hf "
+                    "serves with transformers alone"
+                )
+        return self
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def engine_args_overrides(self) -> dict[str, Any]:
+        """KAITO_ENGINE_ARGS as a dict (empty when unset)."""
+        return {} if self.engine_args is None else parse_engine_args(self.engine_args)
+
+
+def parse_engine_args(value: str) -> dict[str, Any]:
+    """KAITO_ENGINE_ARGS: a JSON object given inline, or the path of a YAML/JSON file.
+
+    Inline means the text starts with ``{``; anything else is a path. Kaito's vLLM
+    runtime reads its engine arguments from a YAML config file the same way.
+    """
+    text = value.strip()
+    if text.startswith("{"):
+        where = "KAITO_ENGINE_ARGS (inline JSON)"
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    else:
+        path = Path(text)
+        where = f"KAITO_ENGINE_ARGS file {path}"
+        try:
+            content = path.read_text()
+        except OSError as exc:
+            raise ValueError(
+                f"KAITO_ENGINE_ARGS is neither a JSON object (it does not start with '{{') "
+                f"nor a readable file: {exc}"
+            ) from exc
+        try:
+            # YAML 1.2 is a superset of JSON: one parser for both file kinds.
+            parsed = yaml.safe_load(content)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where} must hold an object (key: value), got {type(parsed).__name__}")
+    bad_keys = [k for k in parsed if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{where}: keys must be strings, got {bad_keys}")
+    return parsed
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:

@@ -67,6 +67,29 @@ def vllm_supports(model: str) -> bool:
     return any(arch in supported for arch in archs)
 
 
+def refuse_vllm_only_settings(settings: Settings) -> None:
+    """Settings only the vLLM engine reads, set while transformers alone will serve: a
+    start-up error, not settings silently ignored (Settings refuses them with
+    KAITO_BACKEND=hf; this is the same rule when auto picks transformers)."""
+    from app.distributed import StartupError
+
+    ignored = [
+        name
+        for name, unset in (
+            ("KAITO_ENGINE_ARGS", settings.engine_args is None),
+            ("KAITO_DISTRIBUTED_EXECUTOR_BACKEND", settings.distributed_executor_backend is None),
+            ("KAITO_PIPELINE_PARALLEL_SIZE", settings.pipeline_parallel_size == 1),
+        )
+        if not unset
+    ]
+    if ignored:
+        raise StartupError(
+            f"{', '.join(ignored)} set, but vLLM cannot serve {settings.model} (its "
+            "architecture is not in vLLM's registry) and transformers alone will: unset them, "
+            "or KAITO_BACKEND=vllm to try vLLM anyway"
+        )
+
+
 class DispatchEngine:
     def __init__(
         self,
@@ -116,6 +139,7 @@ class DispatchEngine:
                     self._settings.model,
                     model_architectures(self._settings.model),
                 )
+                refuse_vllm_only_settings(self._settings)
         else:
             use_vllm = mode == VLLM
         if use_vllm:

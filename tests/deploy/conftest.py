@@ -10,6 +10,7 @@ import pytest
 
 from tests.deploy.deploy_support import (
     DOCKERFILE,
+    LWS_OVERLAYS,
     MANIFESTS,
     OPTIONAL_COMPONENTS,
     REPO,
@@ -27,9 +28,11 @@ def overlay_names() -> list[str]:
 
 @pytest.fixture(scope="session")
 def renders(overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[Rendered]:
-    """Every overlay, alone and with all the optional components."""
+    """Every Deployment overlay, alone and with all the optional components."""
     out = []
     for name in overlay_names:
+        if name in LWS_OVERLAYS:
+            continue
         out.append(render_overlay(name, (), tmp_path_factory.mktemp(name)))
         out.append(render_overlay(name, OPTIONAL_COMPONENTS, tmp_path_factory.mktemp(name)))
     return out

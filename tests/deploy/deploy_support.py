@@ -29,6 +29,9 @@ DOCKERFILE = REPO / "Dockerfile"
 # checks), so the GPU/CPU checks cover it.
 GPU_OVERLAYS = ("mistral-7b", "mistral-7b-instruct")
 CPU_OVERLAYS = ("cpu",)
+# Overlays on a LeaderWorkerSet instead of a Deployment (tests/deploy/test_deploy_multinode.py
+# checks them; the Deployment checks do not apply).
+LWS_OVERLAYS = ("multinode", "multinode-keda")
 OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
 
 # Validated against the schemas of the newest Kubernetes release the kubernetes-validate

@@ -235,7 +235,9 @@ def test_install_sh_as_the_dockerfile_runs_it(
     assert len(installs) == 1, installs
     args = installs[0].split()
     assert "-e" not in args, "the image needs a regular install (INSTALL_EDITABLE=0)"
-    assert args[-1] == f"{REPO}[{target}]", args
+    # The GPU image adds the `ray` extra (vLLM's Ray executor, docs/LARGE_MODELS.md).
+    extras = {"gpu": "gpu,ray"}.get(target, target)
+    assert args[-1] == f"{REPO}[{extras}]", args
 
 
 def test_project_wheel_carries_the_pins(

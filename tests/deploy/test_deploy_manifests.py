@@ -19,6 +19,7 @@ from tests.deploy.deploy_support import (
     CPU_OVERLAYS,
     GPU_OVERLAYS,
     KUBERNETES_VERSION,
+    LWS_OVERLAYS,
     MANIFESTS,
     OLDEST_KUBERNETES_VERSION,
     REPO,
@@ -110,7 +111,7 @@ def effective_env(r: Rendered, dockerfile: Dockerfile) -> dict[str, str]:
 
 
 def test_every_overlay_is_classified(overlay_names: list[str]) -> None:
-    assert sorted(GPU_OVERLAYS + CPU_OVERLAYS) == overlay_names
+    assert sorted(GPU_OVERLAYS + CPU_OVERLAYS + LWS_OVERLAYS) == overlay_names
 
 
 def test_overlays_render_the_expected_objects(renders: list[Rendered]) -> None:
