@@ -10,6 +10,8 @@ import pytest
 
 from tests.deploy.deploy_support import (
     DOCKERFILE,
+    GPU_OPTIONAL_COMPONENTS,
+    GPU_OVERLAYS,
     MANIFESTS,
     OPTIONAL_COMPONENTS,
     REPO,
@@ -31,7 +33,10 @@ def renders(overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory) 
     out = []
     for name in overlay_names:
         out.append(render_overlay(name, (), tmp_path_factory.mktemp(name)))
-        out.append(render_overlay(name, OPTIONAL_COMPONENTS, tmp_path_factory.mktemp(name)))
+        optional = OPTIONAL_COMPONENTS
+        if name in GPU_OVERLAYS:
+            optional += GPU_OPTIONAL_COMPONENTS
+        out.append(render_overlay(name, optional, tmp_path_factory.mktemp(name)))
     return out
 
 
