@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         "for a second copy of the weights plus its activations (docs/BEAM.md).",
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to shard the model over.")
+    attention_backend: str | None = Field(
+        default=None,
+        description="vLLM's attention backend on a GPU (FLASH_ATTN, FLASHINFER, TRITON_ATTN, "
+        "...); default: vLLM's choice for the GPU. On Blackwell vLLM prefers FLASHINFER, "
+        "which compiles kernels with nvcc, which the gpu image lacks: set FLASH_ATTN there "
+        "(docs/GPU.md).",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Skip torch.compile / CUDA graphs: starts faster, runs slower (tests use it).",
