@@ -340,7 +340,8 @@ def canonical(r: Rendered) -> list[dict[str, Any]]:
     return sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"]))
 
 
-@pytest.mark.parametrize("overlay", GPU_OVERLAYS + CPU_OVERLAYS)
+# One GPU overlay stands for both (they list the same components); 24 orders each.
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS[:1] + CPU_OVERLAYS)
 def test_every_component_order_renders_the_same_objects(overlay: str, tmp_path: Path) -> None:
     """An overlay's components apply in the order it lists them; a component that patches
     what another replaces would make the result depend on it (a volume with two
@@ -392,3 +393,42 @@ def test_image_tags_name_the_version_and_target(renders: list[Rendered], pyproje
     version = pyproject["project"]["version"]
     for r in renders:
         assert r.container["image"] == f"kaito-chat:{version}-{r.target}", r.id
+
+
+# --- docs/GPU.md's recipes work ---------------------------------------------------------
+
+
+def test_docs_affinity_patch_for_clusters_without_gfd(tmp_path: Path) -> None:
+    """docs/GPU.md's patch for AKS and EKS node groups (no GFD, no GPU-type labels)
+    replaces the affinity: the result validates and lands on the instance types listed."""
+    import re
+    import shutil
+
+    import kubernetes_validate
+
+    from tests.deploy.deploy_support import (
+        KUBERNETES_VERSION,
+        OLDEST_KUBERNETES_VERSION,
+        REPO,
+        kustomize,
+    )
+
+    doc = (REPO / "docs/GPU.md").read_text()
+    section = doc[doc.index("\n## Pick the GPU\n") :]
+    section = section[: section.index("\n## ", 1)]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    patches = yaml.safe_load(block)["patches"]
+    copy = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy)
+    kfile = copy / "overlays" / GPU_OVERLAYS[0] / "kustomization.yaml"
+    kustomization = yaml.safe_load(kfile.read_text())
+    kustomization.setdefault("patches", []).extend(patches)
+    kfile.write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    docs = [d for d in yaml.safe_load_all(kustomize(kfile.parent)) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    for version in (KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION):
+        kubernetes_validate.validate(deployment, version, strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    aks, _ = NODES["aks without GFD"]
+    assert schedulable(pod, aks)
+    assert not schedulable(pod, {"node.kubernetes.io/instance-type": "Standard_NC4as_T4_v3"})
