@@ -109,7 +109,7 @@ if start_server "$log_dir/overlay.log" KAITO_DEVICE=cuda KAITO_HF_FALLBACK=false
     echo "ok: /health is 200"
 
     say "3. what the engine chose (engine log)"
-    attention="$(grep -oE 'Using [A-Z_0-9]+ (attention )?backend' "$log_dir/overlay.log" | head -1)"
+    attention="$(grep -oE 'Using [A-Za-z_0-9.]+ (attention )?backend' "$log_dir/overlay.log" | head -1)"
     echo "attention: ${attention:-not logged}"
     if grep -q "Using FlashInfer for top-p & top-k sampling" "$log_dir/overlay.log"; then
         echo "sampler: FlashInfer"
