@@ -117,7 +117,10 @@ if start_server "$log_dir/overlay.log" KAITO_DEVICE=cuda KAITO_HF_FALLBACK=false
         echo "sampler: PyTorch-native (no FlashInfer sampler line in the log)"
     fi
     grep -E "FlashInfer|DeepGEMM|deep_gemm" "$log_dir/overlay.log" | sed 's/^/  log: /' | head -10
-    if grep -qiE "nvcc|ninja: build stopped|jit.*(compil|build)" "$log_dir/overlay.log"; then
+    # vLLM's own warning that FlashInfer's kernels are off (no cubins, no nvcc) is
+    # expected; a JIT build or a compiler lookup is not.
+    if grep -iE "flashinfer\.jit|ninja|nvcc fatal|could not find nvcc|CUDA_HOME" \
+        "$log_dir/overlay.log" | grep -qv "FlashInfer kernels are disabled"; then
         fail "the engine tried to compile kernels (see the log lines above)"
     else
         echo "ok: no JIT compilation of FlashInfer/DeepGEMM kernels"
