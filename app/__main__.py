@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from app.admission import Admission
+from app.gpu_check import preflight
 from app.logs import configure_logging
 from app.server import create_app
 from app.settings import load_settings
@@ -46,6 +47,13 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level, settings.log_format)
+    # Before anything loads the model: an old driver gets one line that names it and the
+    # floor, not an engine error minutes later (app/gpu_check.py).
+    gpu_problems = preflight(settings.device)
+    for problem in gpu_problems:
+        log.error("KAITO_DEVICE=%s: %s", settings.device, problem)
+    if gpu_problems:
+        return 1
     fatal: list[str] = []
     server: DrainingServer | None = None
 

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         "block_size, enable_prefix_caching, speculative_config, ...). An unknown key, a "
         "wrong type or a key another setting controls stops start-up (docs/LARGE_MODELS.md).",
     )
+    attention_backend: str | None = Field(
+        default=None,
+        description="vLLM's attention backend on a GPU (FLASH_ATTN, FLASHINFER, TRITON_ATTN, "
+        "...); default: vLLM's choice for the GPU. On Blackwell vLLM prefers FLASHINFER, "
+        "which compiles kernels with nvcc, which the gpu image lacks: set FLASH_ATTN there "
+        "(docs/GPU.md).",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Skip torch.compile / CUDA graphs: starts faster, runs slower (tests use it).",

@@ -38,6 +38,13 @@ PY
     fi
 fi
 
+if [ "$target" = gpu ]; then
+    # Every package of the CUDA build at the version it was resolved and checked with
+    # (vllm pins torch and flashinfer, not their dependencies), so two builds of the image
+    # install the same set. Regenerate after changing the vllm pin (header of the file).
+    pip_args+=(--constraint "$here/constraints/gpu.txt")
+fi
+
 spec="$here[$(IFS=,; echo "$target${extras:+,${extras[*]}}")]"
 # Editable by default (a dev checkout); the image sets INSTALL_EDITABLE=0.
 if [ "${INSTALL_EDITABLE:-1}" = 1 ]; then spec=(-e "$spec"); else spec=("$spec"); fi

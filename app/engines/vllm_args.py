@@ -34,6 +34,7 @@ SETTING_FOR = {
         "KAITO_DISTRIBUTED_EXECUTOR_BACKEND (--distributed-executor-backend)"
     ),
     "enforce_eager": "KAITO_ENFORCE_EAGER (--enforce-eager)",
+    "attention_backend": "KAITO_ATTENTION_BACKEND (--attention-backend)",
 }
 
 # Engine arguments the server sets itself, and why a different value would break it.

@@ -131,6 +131,21 @@ def _cgroup_cpu_quota(root: str) -> float | None:
         return None
 
 
+def check_attention_backend(name: str) -> str:
+    """KAITO_ATTENTION_BACKEND as vLLM names it ("flash_attn" -> "FLASH_ATTN"); a name
+    vLLM does not know stops start-up naming the setting and the choices, not deep in
+    the engine's configuration."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    known = sorted(AttentionBackendEnum.__members__)
+    if name.upper() not in known:
+        raise ValueError(
+            f"KAITO_ATTENTION_BACKEND={name!r} is not one of vLLM's attention backends: "
+            f"{', '.join(known)}"
+        )
+    return name.upper()
+
+
 def to_sampling_params(
     spec: SamplingSpec, stream: bool = False, vllm_eos_ids: frozenset[int] | None = None
 ) -> "SamplingParams":
@@ -227,6 +242,8 @@ class VLLMEngine(LoadedModel):
             "tensor_parallel_size": s.tensor_parallel_size,
             "pipeline_parallel_size": s.pipeline_parallel_size,
             "distributed_executor_backend": s.distributed_executor_backend,
+            # GPU only: the CPU platform has one attention backend of its own.
+            "attention_backend": s.attention_backend if on_gpu else None,
             "enforce_eager": s.enforce_eager,
             # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
             "disable_log_stats": False,
@@ -256,6 +273,8 @@ class VLLMEngine(LoadedModel):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = {k: v for k, v in self.engine_args(on_gpu).items() if v is not None}
+        if "attention_backend" in args:
+            args["attention_backend"] = check_attention_backend(args["attention_backend"])
         log.info("starting vLLM engine: %s", args)
         # Building the engine blocks for a minute or more (weights, warm-up): do it off
         # the event loop so /livez and /health keep answering meanwhile.

@@ -10,6 +10,8 @@ import pytest
 
 from tests.deploy.deploy_support import (
     DOCKERFILE,
+    GPU_OPTIONAL_COMPONENTS,
+    GPU_OVERLAYS,
     LWS_OVERLAYS,
     MANIFESTS,
     OPTIONAL_COMPONENTS,
@@ -27,14 +29,24 @@ def overlay_names() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def renders(overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[Rendered]:
+def deployment_overlay_names(overlay_names: list[str]) -> list[str]:
+    """The overlays that serve from a Deployment (not a LeaderWorkerSet), which the
+    Deployment components (GPU, cache, autoscaling, routing) apply to."""
+    return [name for name in overlay_names if name not in LWS_OVERLAYS]
+
+
+@pytest.fixture(scope="session")
+def renders(
+    deployment_overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> list[Rendered]:
     """Every Deployment overlay, alone and with all the optional components."""
     out = []
-    for name in overlay_names:
-        if name in LWS_OVERLAYS:
-            continue
+    for name in deployment_overlay_names:
         out.append(render_overlay(name, (), tmp_path_factory.mktemp(name)))
-        out.append(render_overlay(name, OPTIONAL_COMPONENTS, tmp_path_factory.mktemp(name)))
+        optional = OPTIONAL_COMPONENTS
+        if name in GPU_OVERLAYS:
+            optional += GPU_OPTIONAL_COMPONENTS
+        out.append(render_overlay(name, optional, tmp_path_factory.mktemp(name)))
     return out
 
 

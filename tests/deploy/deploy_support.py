@@ -33,6 +33,8 @@ CPU_OVERLAYS = ("cpu",)
 # checks them; the Deployment checks do not apply).
 LWS_OVERLAYS = ("multinode", "multinode-keda")
 OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
+# Optional components for GPU overlays only (docs/GPU.md).
+GPU_OPTIONAL_COMPONENTS = ("gpu-writable-root",)
 
 # Validated against the schemas of the newest Kubernetes release the kubernetes-validate
 # package ships (offline, strict: unknown fields fail) and of the oldest release the
@@ -165,16 +167,19 @@ class Rendered:
         return "gpu" if self.gpu else "cpu"
 
 
-def render_overlay(name: str, components: tuple[str, ...], workdir: Path) -> Rendered:
+def render_overlay(
+    name: str, components: tuple[str, ...], workdir: Path, *, replace: bool = False
+) -> Rendered:
     """Renders overlays/<name>; with components, as a user would: listed in the
-    overlay's own `components:` (a copy of manifests/, so the tree is not touched)."""
-    if components:
+    overlay's own `components:` (a copy of manifests/, so the tree is not touched), after
+    the ones it lists, or instead of them with ``replace`` (to try every order)."""
+    if components or replace:
         copy = workdir / "manifests"
         shutil.copytree(MANIFESTS, copy)
         kfile = copy / "overlays" / name / "kustomization.yaml"
         kustomization = yaml.safe_load(kfile.read_text())
-        kustomization.setdefault("components", [])
-        kustomization["components"] += [f"../../components/{c}" for c in components]
+        listed = [] if replace else kustomization.get("components", [])
+        kustomization["components"] = listed + [f"../../components/{c}" for c in components]
         kfile.write_text(yaml.safe_dump(kustomization, sort_keys=False))
         directory = copy / "overlays" / name
     else:

@@ -238,6 +238,10 @@ def test_install_sh_as_the_dockerfile_runs_it(
     # The GPU image adds the `ray` extra (vLLM's Ray executor, docs/LARGE_MODELS.md).
     extras = {"gpu": "gpu,ray"}.get(target, target)
     assert args[-1] == f"{REPO}[{extras}]", args
+    # The CUDA build installs the resolved set in constraints/gpu.txt, which the build
+    # context carries (the Dockerfile copies constraints/ before the install).
+    constrained = "--constraint" in args and args[args.index("--constraint") + 1]
+    assert constrained == (f"{REPO}/constraints/gpu.txt" if target == "gpu" else False), args
 
 
 def test_project_wheel_carries_the_pins(
@@ -283,3 +287,125 @@ def test_project_wheel_carries_the_pins(
                 )
                 for r in requires
             ), f"{name}=={version} for extra {extra} not in the wheel: {requires}"
+
+
+# --- the gpu image on real GPU nodes (docs/GPU.md) -----------------------------------------
+
+
+def test_gpu_image_finds_gkes_driver(dockerfile: Dockerfile) -> None:
+    """GKE mounts its managed driver at /usr/local/nvidia and does not touch the loader
+    path: the image must put lib64 on LD_LIBRARY_PATH (nvidia-smi is in its bin)."""
+    env = dockerfile.env("gpu")
+    assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")
+    assert env["PATH"].split(":")[-1] == "/usr/local/nvidia/bin"
+    assert env["PATH"].startswith("$PATH:"), "the venv's python must stay first"
+    # Only the gpu image: the cpu image has no driver to find.
+    assert "LD_LIBRARY_PATH" not in dockerfile.env("cpu")
+
+
+# vLLM's switches for the paths that JIT-compile kernels with nvcc at engine start, which
+# the image does not carry: each off, by decision (Dockerfile, docs/GPU.md).
+NVCC_PATHS_OFF = {
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "VLLM_USE_DEEP_GEMM": "0",
+    "VLLM_MOE_USE_DEEP_GEMM": "0",
+    "VLLM_BLOCKSCALE_FP8_GEMM_FLASHINFER": "0",
+    "VLLM_USE_FLASHINFER_MOE_INT4": "0",
+    "VLLM_ALLREDUCE_USE_FLASHINFER": "0",
+}
+
+
+def test_gpu_image_switches_off_what_needs_nvcc(dockerfile: Dockerfile) -> None:
+    env = dockerfile.env("gpu")
+    assert {k: env.get(k) for k in NVCC_PATHS_OFF} == NVCC_PATHS_OFF
+    # Not set for CPU, where vLLM does not read them.
+    assert not NVCC_PATHS_OFF.keys() & dockerfile.env("cpu").keys()
+
+
+def test_the_switches_are_on_in_vllm_unless_set() -> None:
+    """Each switch is one vLLM 0.32 reads, with a default that would take the path: set
+    to 0 it changes something (a renamed or removed switch fails here)."""
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin is not None
+    source = (Path(spec.origin).parent / "envs.py").read_text()
+    for name in NVCC_PATHS_OFF:
+        assert f'"{name}"' in source, f"vLLM no longer reads {name}"
+    # The sampler's default is on where the hardware supports it.
+    sampler = source[source.index('"VLLM_USE_FLASHINFER_SAMPLER": lambda') :][:300]
+    assert "else True" in sampler, sampler
+
+
+def test_base_image_is_pinned_by_digest(dockerfile: Dockerfile) -> None:
+    (arg,) = [line for line in dockerfile.text.splitlines() if line.startswith("ARG PYTHON_IMAGE=")]
+    image = arg.partition("=")[2]
+    assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", image), image
+    assert all(stage.base != "python:3.11-slim-bookworm" for stage in dockerfile.stages)
+
+
+def test_constraints_pin_the_whole_gpu_build(pyproject: dict[str, Any]) -> None:
+    """constraints/gpu.txt pins every package, agrees with pyproject's vLLM pin, and
+    carries what vLLM 0.32 itself pins (torch, flashinfer-python)."""
+    lines = (REPO / "constraints" / "gpu.txt").read_text().splitlines()
+    entries = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    constrained = pins(entries)
+    assert len(constrained) == len(entries), "a package is listed twice"
+    gpu = pins(pyproject["project"]["optional-dependencies"]["gpu"])
+    for name, version in gpu.items():
+        assert constrained[name] == version, name
+    assert constrained["torch"] == "2.13.0"
+    assert constrained["flashinfer-python"] == "0.7.0.post1"
+    # The project's own dependencies are in it too.
+    for requirement in pyproject["project"]["dependencies"]:
+        name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in constrained, f"{name} is not pinned in constraints/gpu.txt"
+    assert "kaito-vllm-chat" not in constrained
+
+
+FAKE_HF = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$CALLS"
+"""
+
+
+@pytest.mark.parametrize("stage", ["weights-cpu", "weights-gpu"])
+@pytest.mark.parametrize(
+    ("revision", "ok"),
+    [
+        ("", False),
+        ("main", False),
+        ("v0.3", False),
+        ("0417f4babd26db0b5ed07c1d0bc85658ab526ea3", True),
+        ("0417F4BABD26DB0B5ED07C1D0BC85658AB526EA3", False),
+        ("0417f4b", False),
+    ],
+)
+def test_a_baked_model_needs_its_commit(
+    dockerfile: Dockerfile, tmp_path: Path, stage: str, revision: str, ok: bool
+) -> None:
+    """Runs the stage's own download step (with a recording `hf`): a branch or tag would
+    bake whatever it points at on the day of the build."""
+    (run,) = [r.args for r in dockerfile.stage(stage).all("RUN") if "hf download" in r.args]
+    script = " ".join(w for w in run.split(" ") if not w.startswith("--mount="))
+    fake = tmp_path / "hf"
+    fake.write_text(FAKE_HF)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    calls = tmp_path / "calls"
+    env = {
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        "CALLS": str(calls),
+        "MODEL": "mistralai/Mistral-7B-Instruct-v0.3",
+        "MODEL_REVISION": revision,
+    }
+    result = subprocess.run(
+        ["sh", "-c", script.replace("/opt/model", str(tmp_path / "model"))],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if ok:
+        assert result.returncode == 0, result.stderr
+        (call,) = calls.read_text().splitlines()
+        assert call.startswith(f"download mistralai/Mistral-7B-Instruct-v0.3 --revision {revision}")
+    else:
+        assert result.returncode != 0
+        assert "MODEL_REVISION must be the 40-hex commit" in result.stderr
+        assert not calls.exists()
+    # No default revision to fall back on (without MODEL there is nothing to pin).
+    assert 'MODEL_REVISION=""' in [i.args for i in dockerfile.stage(stage).all("ARG")]

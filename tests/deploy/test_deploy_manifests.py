@@ -51,6 +51,7 @@ OTHER_ENV = {
     "CUDA_CACHE_PATH": "the CUDA driver's compute cache (default ~/.nv/ComputeCache)",
     "OMP_NUM_THREADS": "OpenMP threads of vLLM's CPU backend",
     "NVIDIA_DRIVER_CAPABILITIES": "NVIDIA container toolkit: which driver libraries to mount",
+    "LD_LIBRARY_PATH": "GKE's managed driver at /usr/local/nvidia/lib64",
     "PIP_CACHE_DIR": "build stage only: pip's cache mount",
 }
 
@@ -236,7 +237,7 @@ def test_gpu_overlays_request_one_gpu(renders: list[Rendered], dockerfile: Docke
             and t["effect"] == "NoSchedule"
             for t in tolerations
         ), r.id
-        assert r.container["image"].endswith(":gpu"), r.id
+        assert r.container["image"].endswith("-gpu"), r.id
         env = effective_env(r, dockerfile)
         assert env["KAITO_DEVICE"] == "cuda", r.id
         # vLLM 0.32 defaults to Model Runner V2 on GPUs, which rejects the server's
@@ -250,7 +251,7 @@ def test_cpu_overlays_request_no_gpu(renders: list[Rendered], dockerfile: Docker
             continue
         assert "nvidia.com/gpu" not in r.text, f"{r.id} mentions nvidia.com/gpu"
         assert not r.pod.get("tolerations"), r.id
-        assert r.container["image"].endswith(":cpu"), r.id
+        assert r.container["image"].endswith("-cpu"), r.id
         env = effective_env(r, dockerfile)
         assert env["KAITO_DEVICE"] == "cpu", r.id
         # vLLM's OpenMP threads must match the CPU limit (not the node's cores).
@@ -345,7 +346,10 @@ def test_security_context(renders: list[Rendered]) -> None:
         assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", r.id
         sc = r.container["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False, r.id
-        assert sc["readOnlyRootFilesystem"] is True, r.id
+        # Read-only unless the GPU component for runtimes whose CDI hooks write into the
+        # container's root asks otherwise (docs/GPU.md).
+        writable = "gpu-writable-root" in r.components
+        assert sc["readOnlyRootFilesystem"] is not writable, r.id
         assert sc["capabilities"]["drop"] == ["ALL"], r.id
         assert not sc.get("capabilities", {}).get("add"), r.id
         assert not sc.get("privileged"), r.id
@@ -389,6 +393,17 @@ def test_every_path_the_server_writes_is_a_volume(
             )
         home = next(v for v in r.pod["volumes"] if v["name"] == "home")
         assert "sizeLimit" in home["emptyDir"], f"{r.id}: HOME's size is what makes this matter"
+
+
+def test_every_volume_has_one_source(renders: list[Rendered]) -> None:
+    """A volume with two sources (a component that patched an emptyDir into a volume
+    another component had made a claim) renders and passes the schemas, but the API
+    server refuses it."""
+    sources = {"emptyDir", "persistentVolumeClaim", "configMap", "secret", "hostPath"}
+    for r in renders:
+        for volume in r.pod["volumes"]:
+            found = sorted(sources & volume.keys())
+            assert len(found) == 1, f"{r.id}: volume {volume['name']} has sources {found}"
 
 
 def test_model_cache_component_uses_the_claim(renders: list[Rendered]) -> None:

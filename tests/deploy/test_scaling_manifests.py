@@ -41,11 +41,11 @@ CONTAINER_PORT = 5000
 
 @pytest.fixture(scope="module")
 def scaling_renders(
-    overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory
+    deployment_overlay_names: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> list[Rendered]:
     return [
         render_overlay(name, combo, tmp_path_factory.mktemp(name))
-        for name in overlay_names
+        for name in deployment_overlay_names
         for combo in COMBINATIONS
     ]
 

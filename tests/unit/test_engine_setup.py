@@ -5,7 +5,12 @@ import os
 
 import pytest
 
-from app.engines.vllm_engine import VLLMEngine, configure_vllm_environment, usable_cpus
+from app.engines.vllm_engine import (
+    VLLMEngine,
+    check_attention_backend,
+    configure_vllm_environment,
+    usable_cpus,
+)
 from app.settings import Settings, load_settings
 
 ENGINE_ENV = (
@@ -88,6 +93,23 @@ def test_engine_args():
     assert cpu["disable_log_stats"] is False
     assert (cpu["model"], cpu["max_model_len"], cpu["enforce_eager"]) == ("/models/m", 4096, True)
     assert cpu["logits_processors"] and cpu["logprobs_mode"] == "processed_logprobs"
+    # vLLM's choice unless set; a GPU setting only.
+    assert gpu["attention_backend"] is None
+    pinned = VLLMEngine(Settings(attention_backend="FLASH_ATTN"))
+    assert pinned.engine_args(on_gpu=True)["attention_backend"] == "FLASH_ATTN"
+    assert pinned.engine_args(on_gpu=False)["attention_backend"] is None
+
+
+def test_attention_backend_names_are_vllms():
+    """The names vLLM 0.32 knows, case-insensitive; anything else stops start-up with a
+    message that names the setting and the choices."""
+    assert check_attention_backend("flash_attn") == "FLASH_ATTN"
+    assert check_attention_backend("TRITON_ATTN") == "TRITON_ATTN"
+    with pytest.raises(ValueError) as err:
+        check_attention_backend("FLASH_ATTENTION_2")
+    message = str(err.value)
+    assert message.startswith("KAITO_ATTENTION_BACKEND='FLASH_ATTENTION_2' is not one of")
+    assert "FLASH_ATTN" in message and "FLASHINFER" in message
 
 
 SETTINGS = [
@@ -98,6 +120,13 @@ SETTINGS = [
     ("kv_cache_space_gib", "4", "--kv-cache-space-gib", "8", (4.0, 8.0)),
     ("gpu_memory_utilization", "0.5", "--gpu-memory-utilization", "0.8", (0.5, 0.8)),
     ("tensor_parallel_size", "2", "--tensor-parallel-size", "4", (2, 4)),
+    (
+        "attention_backend",
+        "FLASH_ATTN",
+        "--attention-backend",
+        "TRITON_ATTN",
+        ("FLASH_ATTN", "TRITON_ATTN"),
+    ),
     ("enforce_eager", "true", "--enforce-eager", None, (True, True)),
     ("host", "127.0.0.1", "--host", "0.0.0.0", ("127.0.0.1", "0.0.0.0")),
     ("port", "6000", "--port", "7000", (6000, 7000)),
