@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app import tracing
 from app.engines.base import (
     EngineDeadError,
     GeneratedSequence,
@@ -56,6 +57,10 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gib:g}")
+    if settings.otlp_traces_endpoint:
+        # vLLM's exporters (this process and the engine core's) read the transport here;
+        # it must be the one the endpoint speaks, so the setting wins over the environment.
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = settings.otlp_traces_protocol
 
 
 def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -190,6 +195,9 @@ class VLLMEngine(LoadedModel):
             # processes, these equal raw log-probs (the beam step loop relies on that);
             # the cost is one log_softmax per sampling step (docs/SCORES.md).
             "logprobs_mode": "processed_logprobs",
+            # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
+            # trace whose headers generate() receives (app/tracing.py). None: off.
+            "otlp_traces_endpoint": s.otlp_traces_endpoint,
         }
 
     async def start(self) -> None:
@@ -258,6 +266,7 @@ class VLLMEngine(LoadedModel):
                 self._render(request.prompt_token_ids),
                 to_sampling_params(request.sampling, vllm_eos_ids=self._eos_ids),
                 request.request_id,
+                trace_headers=tracing.trace_headers(),
             ):
                 final = output
         except VLLMEngineDead as exc:
@@ -292,6 +301,7 @@ class VLLMEngine(LoadedModel):
             self._render(request.prompt_token_ids),
             to_sampling_params(request.sampling, stream=True, vllm_eos_ids=self._eos_ids),
             request.request_id,
+            trace_headers=tracing.trace_headers(),
         )
         try:
             async for output in outputs:
