@@ -26,7 +26,7 @@ DOCKERFILE = REPO / "Dockerfile"
 # checks), so the GPU/CPU checks cover it.
 GPU_OVERLAYS = ("mistral-7b", "mistral-7b-instruct")
 CPU_OVERLAYS = ("cpu",)
-OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
+OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor", "prometheus-rules", "grafana-dashboard")
 
 # Validated against the schemas of the newest Kubernetes release the kubernetes-validate
 # package ships (offline, strict: unknown fields fail) and of the oldest release the
