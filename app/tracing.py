@@ -17,7 +17,8 @@ Only ids, routes, statuses and token counts are recorded: never prompts or outpu
 
 import logging
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,7 +74,28 @@ class _Tracing:
         self.propagator = TraceContextTextMapPropagator()
         self.trace = trace
         self.server_kind = trace.SpanKind.SERVER
-        self.error_status = trace.Status(trace.StatusCode.ERROR)
+        self.status = trace.Status
+        self.error = trace.StatusCode.ERROR
+
+    @contextmanager
+    def span(
+        self, name: str, attributes: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        """A current span whose failure records the exception's type only: the SDK's
+        default records its message, and a message may quote the request."""
+        with self.tracer.start_as_current_span(
+            name,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+            **kwargs,
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                span.set_attribute("error.type", type(exc).__name__)
+                span.set_status(self.status(self.error, type(exc).__name__))
+                raise
 
 
 _state: _Tracing | None = None
@@ -120,7 +142,7 @@ def span(name: str, attributes: dict[str, Any] | None = None) -> AbstractContext
     """A child span of the current one for one stage of a request; a no-op when off."""
     if _state is None:
         return _NOOP
-    return _state.tracer.start_as_current_span(name, attributes=attributes)
+    return _state.span(name, attributes)
 
 
 def set_attributes(attributes: dict[str, Any]) -> None:
@@ -169,7 +191,7 @@ class TracingMiddleware:
         }
         parent = state.propagator.extract(carrier)
         method, path = scope["method"], scope["path"]
-        with state.tracer.start_as_current_span(
+        with state.span(
             f"{method} {path}",
             context=parent,
             kind=state.server_kind,
@@ -192,7 +214,7 @@ class TracingMiddleware:
                     status = message["status"]
                     server_span.set_attribute("http.response.status_code", status)
                     if status >= 500:
-                        server_span.set_status(state.error_status)
+                        server_span.set_status(state.status(state.error, str(status)))
                 await send(message)
 
             await self.app(scope, receive, send_with_status)

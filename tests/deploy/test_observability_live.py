@@ -40,9 +40,9 @@ RULES = MANIFESTS / "components" / "prometheus-rules" / "kaito-chat.rules.yaml"
 NAMESPACE = "default"
 SCRAPE_INTERVAL = "1s"
 WAIT_S = 120
-# Grafana's $__rate_interval is at least four scrape intervals; one minute covers this
-# test's traffic at a 1 s scrape interval.
-RATE_INTERVAL = "1m"
+# Grafana's $__rate_interval is at least four scrape intervals; five minutes keep this
+# test's traffic in the window however slowly a busy machine answers the queries.
+RATE_INTERVAL = "5m"
 # Series Prometheus makes itself, not the server.
 PROMETHEUS_SERIES = {"up"}
 
@@ -230,7 +230,10 @@ def test_every_dashboard_query_returns_data_and_every_metric_exists(
     deadline = time.monotonic() + WAIT_S
     while pending and time.monotonic() < deadline:
         for key, promql in list(pending.items()):
-            results[key] = query(base, promql)
+            try:
+                results[key] = query(base, promql)
+            except httpx.TimeoutException:
+                continue  # a loaded machine; asked again on the next pass
             if finite(results[key]):
                 del pending[key]
         time.sleep(1)
@@ -288,6 +291,11 @@ def test_alert_selectors_select_the_scraped_series(
     empty = set(selectors)
     deadline = time.monotonic() + 60
     while empty and time.monotonic() < deadline:
-        empty = {s for s in empty if not query(base, f"count({s})")}
+        for selector in list(empty):
+            try:
+                if query(base, f"count({selector})"):
+                    empty.discard(selector)
+            except httpx.TimeoutException:
+                pass  # a loaded machine; asked again on the next pass
         time.sleep(1)
     assert not empty, f"alert selectors that select nothing the server exports: {sorted(empty)}"

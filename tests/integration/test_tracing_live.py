@@ -21,6 +21,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
 
 from tests.conftest import ServerProcess
 
@@ -30,6 +31,7 @@ WAIT_S = 60
 CALLER_SPAN = "00f067aa0ba902b7"
 CHAT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 V1_TRACE = "5c0a41e7d8b94f2e9a1b3c4d5e6f7a80"
+BAD_TRACE = "6d1b52f8e9ca4a3fab2c4d5e6f7a8b91"
 PROMPT = "Once upon a time in a quiet harbour village"
 STAGES = {"admission", "tokenize", "validate_and_map", "generate", "decode"}
 
@@ -46,6 +48,8 @@ class ReceivedSpan:
     scope: str
     attributes: dict[str, Any]
     resource: dict[str, Any]
+    status_code: int
+    status_message: str
 
 
 def _value(v: AnyValue) -> Any:
@@ -85,6 +89,8 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                             scope=ss.scope.name,
                             attributes={kv.key: _value(kv.value) for kv in s.attributes},
                             resource=resource,
+                            status_code=s.status.code,
+                            status_message=s.status.message,
                         )
                     )
         with self._lock:
@@ -251,3 +257,24 @@ def test_a_request_without_traceparent_starts_a_trace_and_probes_make_none(
 def traced_server_model(server: ServerProcess) -> str:
     models = httpx.get(server.url + "/v1/models", timeout=30).json()
     return str(models["data"][0]["id"])
+
+
+def test_a_refused_request_shows_the_failing_stage_without_its_message(
+    traced_server: ServerProcess, receiver: tuple[Receiver, int]
+) -> None:
+    rec, _ = receiver
+    reply = httpx.post(
+        traced_server.url + "/chat",
+        json={"prompt": PROMPT, "generate_kwargs": {"do_sample": True, "top_p": 1.5}},
+        headers={"traceparent": traceparent(BAD_TRACE), "X-Request-Id": "trace-bad-1"},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    spans = wait_for(rec, BAD_TRACE, {"POST /chat", "validate_and_map"})
+    assert one(spans, "POST /chat").attributes["http.response.status_code"] == 400
+    stage = one(spans, "validate_and_map")
+    assert stage.status_code == StatusProto.STATUS_CODE_ERROR
+    # The exception's type, never its message (a message may quote the request).
+    assert stage.status_message == stage.attributes["error.type"] != ""
+    assert "1.5" not in repr(stage.attributes) + stage.status_message
+    assert not {"generate", "llm_request"} & {s.name for s in spans}
