@@ -190,7 +190,9 @@ def test_dashboard_shows_what_an_operator_needs(dashboard: dict[str, Any]) -> No
 def test_dashboard_configmap_is_for_grafanas_sidecar(renders: list[Rendered]) -> None:
     text = DASHBOARD.read_text()
     for r in with_components(renders, "grafana-dashboard"):
-        (cm,) = [c for c in r.of_kind("ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]]
+        (cm,) = [
+            c for c in r.of_kind("ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]
+        ]
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", r.id
         assert cm["data"] == {DASHBOARD.name: text}, r.id
 
