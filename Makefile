@@ -5,7 +5,7 @@ VENV ?= .venv
 PORT ?= $(or $(KAITO_PORT),5000)
 PY := $(VENV)/bin/python
 
-.PHONY: serve test install install-test model lint bench bench-quick soak fuzz clean
+.PHONY: serve test install install-test model lint bench bench-quick soak fuzz clean prometheus-rules
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install-test
 	$(PY) -m ruff check app param_mapping tests bench
 	$(PY) -m ruff format --check app param_mapping tests bench
 	$(PY) -m mypy
+
+# The PrometheusRule is generated from the plain rules file beside it (one source).
+prometheus-rules: install
+	$(PY) scripts/render_prometheusrule.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

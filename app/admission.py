@@ -18,6 +18,11 @@ REJECTED = Counter(
     "kaito_rejected_requests", "Generation requests refused at admission.", ["reason"]
 )
 
+# Both reasons exported from the start (at 0), so rate() and alerts see a series before
+# the first refusal.
+for _reason in ("overload", "shutting_down"):
+    REJECTED.labels(_reason)
+
 
 class Admission:
     def __init__(self, limit: int) -> None:

@@ -27,6 +27,11 @@ BACKEND_REQUESTS = Counter(
 HF_QUEUE_DEPTH = Gauge(
     "kaito_hf_queue_depth", "Requests waiting for the transformers backend (not yet running)."
 )
+# What /health says, as a number: alerts and dashboards see "up but not ready" (loading,
+# engine dead, draining), which `up` alone cannot. Set when /metrics is scraped.
+READY = Gauge(
+    "kaito_ready", "1 when the server is ready (engine loaded and alive, not draining), else 0."
+)
 HF_RUNNING = Gauge(
     "kaito_hf_running", "Requests the transformers backend is generating now (0 or 1)."
 )

@@ -1,6 +1,7 @@
 """HTTP routes. Thin: read the engine from app.state, call the service, shape the reply."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -8,9 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from app import tracing
 from app.admission import Admission
 from app.auth import require_api_key
 from app.errors import HTTPError
+from app.metrics import READY
 from app.schemas import ChatRequest, ChatResponse, ErrorResponse
 from app.serving import ChatService, new_request_id
 from app.streaming import DisconnectWatch, chat_error_event, chat_sse, open_stream
@@ -45,7 +48,10 @@ async def run_generation(request: Request, work: Coroutine[Any, Any, T]) -> T | 
     admission: Admission = request.app.state.admission
     timeout = settings.request_timeout_seconds or None
     try:
-        async with admission.admit():
+        async with contextlib.AsyncExitStack() as admitted:
+            # A span of its own: a 429 shows in the trace as a failed admission.
+            with tracing.span("admission"):
+                await admitted.enter_async_context(admission.admit())
             # The work runs in this task, not a task of its own (a task and two switches
             # less per request: bench/NOTES.md, change 5); the watch cancels this task
             # if the client goes away.
@@ -87,7 +93,9 @@ async def livez() -> dict[str, str]:
 
 
 @router.get("/metrics", summary="Prometheus metrics: vLLM's engine metrics and the server's")
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    READY.set(1 if state.engine.is_ready() and not state.admission.draining else 0)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

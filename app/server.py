@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app import tracing
 from app.admission import Admission
 from app.chat_template import load_chat_template
 from app.engines.base import Engine
@@ -18,6 +19,7 @@ from app.openai_api import router as openai_router
 from app.routes import router
 from app.serving import ChatService
 from app.settings import Settings
+from app.tracing import TracingMiddleware
 from param_mapping.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ def create_app(
 ) -> FastAPI:
     """``on_fatal`` is called when the engine fails to start or dies; the CLI then exits
     non-zero so that Kubernetes restarts the pod."""
+    # Before the engine: vLLM's spans then use our tracer provider (app/tracing.py).
+    tracing.configure(settings.otlp_traces_endpoint, settings.otlp_traces_protocol)
     engine = engine or build_engine(settings)
     admission = Admission(settings.max_concurrent_requests)
 
@@ -71,6 +75,7 @@ def create_app(
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
             await engine.stop()
+            tracing.shutdown()
 
     app = FastAPI(
         title="Kaito chat on vLLM",
@@ -96,5 +101,8 @@ def create_app(
     # Added last = outermost: request ids cover everything, including 413s.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, known_routes=known)
+    if tracing.enabled():
+        # Inside RequestIdMiddleware: the span gets the request id.
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

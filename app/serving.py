@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app import text_codec
+from app import text_codec, tracing
 from app.chat_template import build_chat_prompt
 from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
@@ -112,18 +112,21 @@ class ChatService:
             raise HTTPError(400, PROMPT_REQUIRED)
         self._check_ready()
         engine = self.engine
-        prompt_ids, prefix_tokens = self._prompt_ids(request)
+        with tracing.span("tokenize"):
+            prompt_ids, prefix_tokens = self._prompt_ids(request)
+            tracing.set_attributes({"gen_ai.usage.prompt_tokens": len(prompt_ids)})
 
-        check_limits(request.generate_kwargs_given(), self.limits)
-        plan = to_generation_plan(
-            request.generate_kwargs_given(),
-            prompt_tokens=len(prompt_ids),
-            prefix_tokens=prefix_tokens,
-            special=engine.special_tokens,
-            max_model_len=engine.max_model_len,
-            handle_long_generation=request.handle_long_generation,
-            max_num_beams=self.max_num_beams,
-        )
+        with tracing.span("validate_and_map"):
+            check_limits(request.generate_kwargs_given(), self.limits)
+            plan = to_generation_plan(
+                request.generate_kwargs_given(),
+                prompt_tokens=len(prompt_ids),
+                prefix_tokens=prefix_tokens,
+                special=engine.special_tokens,
+                max_model_len=engine.max_model_len,
+                handle_long_generation=request.handle_long_generation,
+                max_num_beams=self.max_num_beams,
+            )
         if plan.keep_last_prompt_tokens is not None:
             prompt_ids = prompt_ids[-plan.keep_last_prompt_tokens :]
 
@@ -182,11 +185,16 @@ class ChatService:
 
     async def chat(self, request: ChatRequest, request_id: str) -> ChatResponse:
         generation, plan = self._prepare(request, request_id)
-        result = await self.engine.generate(generation)
-        # The dispatcher says which path served it (vLLM or transformers).
-        served_by = result.backend or self.engine.name
+        # The engine reads the current span for the trace headers it hands vLLM, so
+        # vLLM's own span hangs under this one.
+        with tracing.span("generate", {"gen_ai.request.id": request_id}):
+            result = await self.engine.generate(generation)
+            # The dispatcher says which path served it (vLLM or transformers).
+            served_by = result.backend or self.engine.name
+            tracing.set_attributes({"kaito.backend": served_by})
         BACKEND_REQUESTS.labels(served_by).inc()
-        return self._reply(request, generation, plan, result.sequences, served_by)
+        with tracing.span("decode"):
+            return self._reply(request, generation, plan, result.sequences, served_by)
 
     def stream(self, request: ChatRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
         """/chat with ``stream``: checks now (4xx before anything is sent), then an

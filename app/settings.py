@@ -179,6 +179,27 @@ class Settings(BaseSettings):
         "/, /health, /livez and /metrics stay open.",
     )
 
+    # Traces (app/tracing.py).
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OpenTelemetry collector that receives traces over OTLP; unset: tracing "
+        "is off and costs nothing. grpc: `http://collector:4317`; http/protobuf: "
+        "`http://collector:4318/v1/traces`. A span per /chat and /v1 request with its stages, "
+        "continuing the caller's `traceparent`; vLLM's engine spans join the same trace. "
+        "Ids, routes, statuses and token counts only: never prompts or outputs.",
+    )
+    otlp_traces_protocol: Literal["grpc", "http/protobuf"] = Field(
+        default="grpc",
+        description="OTLP transport for KAITO_OTLP_TRACES_ENDPOINT (ours and vLLM's exporters).",
+    )
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, value: str | None) -> str | None:
+        from app.tracing import check_endpoint
+
+        return None if not value else check_endpoint(value)
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:

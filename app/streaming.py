@@ -27,6 +27,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from app import tracing
 from app.admission import Admission
 from app.errors import HTTPError
 
@@ -135,7 +136,8 @@ async def open_stream(
     admission: Admission = request.app.state.admission
     timeout = settings.request_timeout_seconds or None
     stack = AsyncExitStack()
-    await stack.enter_async_context(admission.admit())  # 429 / 503: nothing to release
+    with tracing.span("admission"):
+        await stack.enter_async_context(admission.admit())  # 429 / 503: nothing to release
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout else None
     events: AsyncIterator[str] | None = None

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System tools the test suite drives for real: Prometheus (scrapes /metrics in a test).
+# System tools the test suite drives for real: Prometheus (scrapes /metrics in a test)
+# and its promtool (checks and unit-tests the alert rules), both in Debian's package.
 # kubectl, hadolint and the schema validators come from PyPI with the `test` extra.
 set -euo pipefail
 if command -v prometheus >/dev/null 2>&1; then

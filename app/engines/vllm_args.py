@@ -35,6 +35,7 @@ SETTING_FOR = {
     ),
     "enforce_eager": "KAITO_ENFORCE_EAGER (--enforce-eager)",
     "attention_backend": "KAITO_ATTENTION_BACKEND (--attention-backend)",
+    "otlp_traces_endpoint": "KAITO_OTLP_TRACES_ENDPOINT (--otlp-traces-endpoint)",
 }
 
 # Engine arguments the server sets itself, and why a different value would break it.

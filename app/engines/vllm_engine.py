@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app import tracing
 from app.distributed import StartupError, check_parallel_layout, wait_for_ray_cluster
 from app.engines.base import (
     EngineDeadError,
@@ -65,6 +66,11 @@ def configure_vllm_environment(settings: Settings, on_gpu: bool) -> None:
             # nodes to bind threads of 2 local CPUWorkers"): one-node machines and most
             # pods. Split this process's CPUs between the ranks instead.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(world_size)
+
+    if settings.otlp_traces_endpoint:
+        # vLLM's exporters (this process and the engine core's) read the transport here;
+        # it must be the one the endpoint speaks, so the setting wins over the environment.
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = settings.otlp_traces_protocol
 
 
 def check_ray_platform() -> None:
@@ -254,6 +260,9 @@ class VLLMEngine(LoadedModel):
             # processes, these equal raw log-probs (the beam step loop relies on that);
             # the cost is one log_softmax per sampling step (docs/SCORES.md).
             "logprobs_mode": "processed_logprobs",
+            # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
+            # trace whose headers generate() receives (app/tracing.py). None: off.
+            "otlp_traces_endpoint": s.otlp_traces_endpoint,
         } | s.engine_args_overrides
 
     async def start(self) -> None:
@@ -330,6 +339,7 @@ class VLLMEngine(LoadedModel):
                 self._render(request.prompt_token_ids),
                 to_sampling_params(request.sampling, vllm_eos_ids=self._eos_ids),
                 request.request_id,
+                trace_headers=tracing.trace_headers(),
             ):
                 final = output
         except VLLMEngineDead as exc:
@@ -364,6 +374,7 @@ class VLLMEngine(LoadedModel):
             self._render(request.prompt_token_ids),
             to_sampling_params(request.sampling, stream=True, vllm_eos_ids=self._eos_ids),
             request.request_id,
+            trace_headers=tracing.trace_headers(),
         )
         try:
             async for output in outputs:

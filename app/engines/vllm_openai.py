@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from app import tracing
 from app.settings import Settings
 from param_mapping import ParameterError
 
@@ -85,7 +86,11 @@ class VLLMOpenAIServer:
             param = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
             raise ParameterError(param or "body", str(exc)) from exc
         try:
-            result = await handler(request, raw_request)
+            # vLLM's layer validates, templates, tokenizes and (unless streaming) generates:
+            # one span. vLLM's engine span hangs under the request's span, because vLLM
+            # reads the request's traceparent (rewritten by tracing.TracingMiddleware).
+            with tracing.span("generate"):
+                result = await handler(request, raw_request)
         except VLLMValidationError as exc:
             # Raised past the handler (SamplingParams checks); vLLM's server answers 400.
             raise ParameterError(exc.parameter or "body", str(exc)) from exc

@@ -32,7 +32,12 @@ CPU_OVERLAYS = ("cpu",)
 # Overlays on a LeaderWorkerSet instead of a Deployment (tests/deploy/test_deploy_multinode.py
 # checks them; the Deployment checks do not apply).
 LWS_OVERLAYS = ("multinode", "multinode-keda")
-OPTIONAL_COMPONENTS = ("model-cache-pvc", "servicemonitor")
+OPTIONAL_COMPONENTS = (
+    "model-cache-pvc",
+    "servicemonitor",
+    "prometheus-rules",
+    "grafana-dashboard",
+)
 # Optional components for GPU overlays only (docs/GPU.md).
 GPU_OPTIONAL_COMPONENTS = ("gpu-writable-root",)
 
@@ -63,6 +68,7 @@ CACHE_VARS = (
 SCHEMAS = Path(__file__).parent / "schemas"
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway-v1.json",

@@ -14,6 +14,7 @@ Needs Debian's `prometheus` binary (`apt-get install -y prometheus`); it listens
 loopback only, keeps its data in a temporary directory and is killed at the end.
 """
 
+import contextlib
 import re
 import shutil
 import socket
@@ -140,26 +141,25 @@ def cpu_render(renders: list[Rendered]) -> Rendered:
     return next(r for r in renders if r.name == "cpu" and not r.components)
 
 
-@pytest.fixture
-def prometheus(cpu_render: Rendered, server_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Prometheus scraping the server; yields its base URL and log file."""
+@contextlib.contextmanager
+def run_prometheus(config: dict[str, Any], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real Prometheus with this configuration, on loopback, its data in tmp_path;
+    yields its base URL and log file, and kills it at the end."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(
             "the `prometheus` binary is not installed: this test runs a real Prometheus "
             "against the server (Debian: `apt-get install -y prometheus`)"
         )
-    server = urlsplit(server_url)
-    assert server.hostname == POD_IP and server.port, "loopback only"
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(cpu_render, server.port), sort_keys=False))
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("w") as log_file:
         proc = subprocess.Popen(
             [
                 binary,
-                f"--config.file={config}",
+                f"--config.file={config_file}",
                 f"--storage.tsdb.path={tmp_path / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",
@@ -177,6 +177,15 @@ def prometheus(cpu_render: Rendered, server_url: str, tmp_path: Path) -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def prometheus(cpu_render: Rendered, server_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A Prometheus scraping the server; yields its base URL and log file."""
+    server = urlsplit(server_url)
+    assert server.hostname == POD_IP and server.port, "loopback only"
+    with run_prometheus(scrape_config(cpu_render, server.port), tmp_path) as running:
+        yield running
 
 
 def query(base: str, promql: str) -> list[dict[str, Any]]:

@@ -146,3 +146,99 @@ def test_each_setting_from_env_and_from_its_flag_which_wins(
 
 def test_default_port_is_kaitos():
     assert Settings().port == 5000
+
+
+# --- traces (app/tracing.py) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "env", "flag", "flag_value", "parsed"),
+    [
+        (
+            "otlp_traces_endpoint", "http://a:4317", "--otlp-traces-endpoint",
+            "https://b:4318/v1/traces", ("http://a:4317", "https://b:4318/v1/traces"),
+        ),
+        (
+            "otlp_traces_protocol", "grpc", "--otlp-traces-protocol", "http/protobuf",
+            ("grpc", "http/protobuf"),
+        ),
+    ],
+)  # fmt: skip
+def test_tracing_settings_from_env_and_flag(monkeypatch, field, env, flag, flag_value, parsed):
+    test_each_setting_from_env_and_from_its_flag_which_wins(
+        monkeypatch, field, env, flag, flag_value, parsed
+    )
+
+
+def test_tracing_is_off_by_default():
+    settings = Settings()
+    assert settings.otlp_traces_endpoint is None
+    assert VLLMEngine(settings).engine_args(on_gpu=False)["otlp_traces_endpoint"] is None
+
+
+@pytest.mark.parametrize("endpoint", ["collector:4317", "grpc://collector:4317", "http://"])
+def test_a_bad_otlp_endpoint_names_the_setting(endpoint):
+    with pytest.raises(ValueError, match="otlp_traces_endpoint"):
+        Settings(otlp_traces_endpoint=endpoint)
+
+
+def test_tracing_on_reaches_vllm(clean_env):
+    clean_env.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    settings = Settings(
+        otlp_traces_endpoint="http://c:4318/v1/traces", otlp_traces_protocol="http/protobuf"
+    )
+    # vLLM's exporters (its frontend and engine-core processes) speak the same transport.
+    configure_vllm_environment(settings, on_gpu=True)
+    assert os.environ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    args = VLLMEngine(settings).engine_args(on_gpu=True)
+    assert args["otlp_traces_endpoint"] == "http://c:4318/v1/traces"
+
+
+def test_tracing_off_leaves_the_otel_environment_alone(clean_env):
+    clean_env.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    configure_vllm_environment(Settings(), on_gpu=True)
+    assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in os.environ
+
+
+# The server without the OpenTelemetry packages: importing them is made to fail.
+WITHOUT_OTEL = """
+import sys
+sys.modules["opentelemetry"] = None  # any `import opentelemetry...` raises ImportError
+from app.server import create_app
+from app.settings import Settings
+from app.tracing import TracingMiddleware
+settings = Settings(**{extra})
+try:
+    app = create_app(settings)
+except RuntimeError as exc:
+    print("REFUSED", exc)
+    sys.exit(0)
+assert not any(m.cls is TracingMiddleware for m in app.user_middleware)
+print("SERVED", [m for m, v in sys.modules.items() if m.startswith("opentelemetry") and v])
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("{}", "SERVED []"),
+        (
+            "{'otlp_traces_endpoint': 'http://c:4317'}",
+            "REFUSED KAITO_OTLP_TRACES_ENDPOINT is set but OpenTelemetry is not installed",
+        ),
+    ],
+)
+def test_the_server_needs_opentelemetry_only_when_tracing(extra, expected):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OTEL.replace("{extra}", extra)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(expected), result.stdout
