@@ -73,6 +73,7 @@ CRD_SCHEMAS = {
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway-v1.json",
     ("kaito.sh/v1beta1", "Workspace"): "workspace-kaito-v1beta1.json",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset-lws-v1.json",
 }
 
 

@@ -29,6 +29,7 @@ from tests.deploy.deploy_support import (
     Rendered,
     kustomize,
     render_overlay,
+    validate_object,
 )
 from tests.deploy.test_deploy_manifests import check_known, vllm_env_names
 
@@ -118,7 +119,6 @@ def gib(quantity: str) -> float:
 
 @pytest.mark.parametrize("version", [KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION])
 def test_objects_validate(keda: list[dict[str, Any]], version: str) -> None:
-    schema = json.loads(LWS_SCHEMA.read_text())
     kinds = sorted(d["kind"] for d in keda)
     assert kinds == sorted(
         [
@@ -132,20 +132,13 @@ def test_objects_validate(keda: list[dict[str, Any]], version: str) -> None:
     )
     for doc in keda:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
+        validate_object(doc, version, where)
         if doc["kind"] == "LeaderWorkerSet":
-            jsonschema.Draft202012Validator(schema).validate(doc)
             for role in ("leader", "worker"):
                 t = template(doc, role)
                 pod = {"apiVersion": "v1", "kind": "Pod", "metadata": t["metadata"] | {
                     "name": f"{role}"}, "spec": t["spec"]}  # fmt: skip
-                try:
-                    kubernetes_validate.validate(pod, version, strict=True)
-                except kubernetes_validate.ValidationError as exc:
-                    pytest.fail(f"{where}: the {role} template is not a valid Pod: {exc}")
-        elif doc["kind"] == "ScaledObject":
-            continue  # KEDA's CRD: test_keda_scales_whole_groups_of_this_set
-        else:
-            kubernetes_validate.validate(doc, version, strict=True)
+                validate_object(pod, version, f"{where}: the {role} template as a Pod")
 
 
 def test_schema_rejects_unknown_fields(lws: dict[str, Any]) -> None:
