@@ -3,6 +3,8 @@ a time, on the same model, machine and CPU environment, and stopped with its who
 process group, on success, error or Ctrl-C alike.
 
 - ``ours``: this repository's server, ``python -m app``, POST /chat.
+- ``ours-traced``: the same with OpenTelemetry tracing on, exporting to a local OTLP sink
+  (bench/otlp_sink.py): tracing's cost, side by side with ``ours``.
 - ``kaito``: the Kaito-style transformers baseline (bench/baselines), POST /chat.
 - ``vllm``: vLLM's own OpenAI server, POST /v1/completions.
 - ``offline``: the raw engine, ``vllm.LLM`` in a subprocess (bench/offline_engine.py).
@@ -327,6 +329,33 @@ class OurServer(HttpSystem):
         return int(reply["usage"]["completion_tokens"])
 
 
+class TracedServer(OurServer):
+    """Our server exporting every request's trace over OTLP/HTTP to a sink in this process.
+    Compare with ``ours`` in one interleaved run: the ratio is what tracing costs."""
+
+    key = "ours-traced"
+    title = "our /chat with tracing on (OTLP/HTTP to a local sink)"
+
+    def start(self, tag: str) -> None:
+        from bench.otlp_sink import OTLPSink
+
+        self.sink = OTLPSink()
+        try:
+            super().start(tag)
+        except BaseException:
+            self.sink.stop()
+            raise
+
+    def argv(self, port: int) -> list[str]:
+        traced = ["--otlp-traces-endpoint", self.sink.url, "--otlp-traces-protocol"]
+        return [*super().argv(port), *traced, "http/protobuf"]
+
+    def stop(self) -> None:
+        super().stop()
+        print(f"  {self.key}: the sink received {self.sink.exports} OTLP exports")
+        self.sink.stop()
+
+
 class KaitoBaseline(HttpSystem):
     key = "kaito"
     title = "Kaito-style transformers pipeline (bench/baselines)"
@@ -486,5 +515,5 @@ def _eos_token_id(model: str) -> int | None:
 
 
 SYSTEMS: dict[str, type[System]] = {
-    cls.key: cls for cls in (OurServer, KaitoBaseline, VLLMServer, OfflineEngine)
+    cls.key: cls for cls in (OurServer, TracedServer, KaitoBaseline, VLLMServer, OfflineEngine)
 }

@@ -113,3 +113,31 @@ def test_report_ratios_goals_and_markdown() -> None:
     text = report.markdown(result, aggs)
     assert "| ours | 32 | 4 / 4 | 0 | 2.000 | 200.0 |" in text
     assert "20.00x [20.00]" in text
+
+
+def test_otlp_sink_accepts_the_real_exporters_batches() -> None:
+    """The traced system's sink answers OpenTelemetry's own OTLP/HTTP exporter as a
+    collector does, so the traced server's exporter succeeds (no retries, no errors)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+
+    from bench.otlp_sink import OTLPSink
+
+    sink = OTLPSink()
+    try:
+        exporter = OTLPSpanExporter(endpoint=sink.url)
+        results: list[SpanExportResult] = []
+
+        class Recording(SimpleSpanProcessor):
+            def on_end(self, span) -> None:  # type: ignore[no-untyped-def]
+                results.append(exporter.export([span]))
+
+        provider = TracerProvider()
+        provider.add_span_processor(Recording(exporter))
+        with provider.get_tracer("bench").start_as_current_span("request"):
+            pass
+        assert results == [SpanExportResult.SUCCESS]
+        assert sink.exports == 1
+    finally:
+        sink.stop()
