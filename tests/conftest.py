@@ -80,19 +80,26 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def live_server(
-    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    server = ServerProcess(["--enforce-eager", "--model", str(model_dir)], log)
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """For a fixture: waits until ``server`` is healthy (failing the test with its log's
+    tail when it is not), yields it, and stops it afterwards, whatever the outcome."""
     try:
         server.wait_healthy()
     except RuntimeError as exc:
         server.stop()
         pytest.fail(str(exc))
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    yield from running(ServerProcess(["--enforce-eager", "--model", str(model_dir)], log))
 
 
 @pytest.fixture(scope="session")

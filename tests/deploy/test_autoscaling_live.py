@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, running
 from tests.deploy.deploy_support import Rendered, render_overlay
 from tests.deploy.test_prometheus_scrape import JOB, cpu_render, prometheus, query
 from tests.integration.scrape import metric
@@ -51,13 +51,8 @@ def scaling_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     server = ServerProcess(
         ["--enforce-eager", "--model", str(model_dir), "--max-num-seqs", str(MAX_NUM_SEQS)], log
     )
-    try:
-        server.wait_healthy()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    yield server.url
-    server.stop()
+    for started in running(server):
+        yield started.url
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, running
 from tests.integration.scrape import metric
 
 pytestmark = pytest.mark.integration
@@ -95,13 +95,7 @@ def small_server(hostile_model, tmp_path_factory):
         ],
         tmp_path_factory.mktemp("small") / "server.log",
     )
-    try:
-        server.wait_healthy()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    yield server
-    server.stop()
+    yield from running(server)
 
 
 def test_burst_past_the_admission_limit(small_server):

@@ -23,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as StatusProto
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, running
 
 pytestmark = pytest.mark.integration
 
@@ -126,13 +126,7 @@ def traced_server(
     }
     log = tmp_path_factory.mktemp("traced") / "server.log"
     server = ServerProcess(["--enforce-eager", "--model", str(model_dir)], log, env=env)
-    try:
-        server.wait_healthy()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.fail(str(exc))
-    yield server
-    server.stop()
+    yield from running(server)
 
 
 def wait_for(receiver: Receiver, trace_id: str, names: set[str]) -> list[ReceivedSpan]:
