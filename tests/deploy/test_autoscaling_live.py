@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import ServerProcess, running
 from tests.deploy.deploy_support import Rendered, render_overlay
 from tests.deploy.test_prometheus_scrape import JOB, cpu_render, prometheus, query
-from tests.integration.scrape import metric
+from tests.integration.scrape import metric, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +29,11 @@ __all__ = ["cpu_render", "prometheus"]
 
 # Small, so a burst of a few requests makes a queue: sequences past it wait in vLLM.
 MAX_NUM_SEQS = 4
-# Every request generates exactly this many tokens, so the queue lasts several engine
-# steps (one per token for each running batch) whatever the model would say, yet a burst
-# ends within minutes on a busy 2-core machine.
-NEW_TOKENS = 16
+# Every request generates exactly this many tokens, so the queue lasts many engine steps
+# (one per token for each running batch) whatever the model would say: seconds even on a
+# fast machine, where 16 tokens let a whole burst finish between two samples of /metrics.
+# A burst still ends within minutes on a busy 2-core machine.
+NEW_TOKENS = 64
 WAIT_S = 120
 
 # What the endpoint picker and the autoscaler read (docs/SCALING.md).
@@ -133,19 +134,22 @@ def test_queue_metrics_move_under_overload(scaling_server: str) -> None:
         assert f"\n{name}{{" in text or f"\n{name} " in text, f"{name} missing from /metrics"
     assert metric(scaling_server, "vllm:num_requests_waiting") == 0
 
-    n = MAX_NUM_SEQS + 6
-    peak_waiting = peak_running = peak_kv = 0.0
+    n = 3 * MAX_NUM_SEQS
+    gauges = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
+    samples: list[dict[str, float]] = []
     with Burst(scaling_server, n) as burst:
         while not burst.done:
-            peak_waiting = max(peak_waiting, metric(scaling_server, "vllm:num_requests_waiting"))
-            peak_running = max(peak_running, metric(scaling_server, "vllm:num_requests_running"))
-            peak_kv = max(peak_kv, metric(scaling_server, "vllm:kv_cache_usage_perc"))
-            time.sleep(0.2)
+            samples.append(snapshot(scaling_server, gauges))
+            time.sleep(0.05)
+    peak = {name: max((s[name] for s in samples), default=0.0) for name in gauges}
     assert burst.statuses == [200] * n, burst.statuses
-    assert peak_waiting > 0, "vllm:num_requests_waiting never rose above 0 past max_num_seqs"
+    assert peak["vllm:num_requests_waiting"] > 0, (
+        f"vllm:num_requests_waiting never rose above 0 past max_num_seqs; "
+        f"{len(samples)} samples, peaks {peak}"
+    )
     # Never more running than the engine batches: the rest waited.
-    assert peak_running == MAX_NUM_SEQS, peak_running
-    assert peak_kv > 0, "vllm:kv_cache_usage_perc stayed 0 while sequences ran"
+    assert peak["vllm:num_requests_running"] == MAX_NUM_SEQS, peak
+    assert peak["vllm:kv_cache_usage_perc"] > 0, f"KV cache usage stayed 0 while running: {peak}"
     wait_for(
         lambda: (
             metric(scaling_server, "vllm:num_requests_waiting") == 0
