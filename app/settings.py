@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         "SmolLM2-135M-Instruct directory that `make model` prepares.",
     )
     served_model_name: str | None = Field(
-        default=None, description="Name reported for the model; defaults to `model`."
+        default=None,
+        description="Name reported for the model (/v1/models, the OpenAI `model` field, the "
+        "metrics' model_name label). Default: a hub id as given, a local directory's last "
+        "part (`/models/SmolLM2-135M-Instruct` -> `SmolLM2-135M-Instruct`).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Where the engine runs; auto picks cuda when a GPU is visible."
@@ -235,12 +238,33 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        """The served name: what /v1/models lists and clients send as `model`."""
+        return self.served_model_name or default_served_name(self.model)
 
     @property
     def engine_args_overrides(self) -> dict[str, Any]:
         """KAITO_ENGINE_ARGS as a dict (empty when unset)."""
         return {} if self.engine_args is None else parse_engine_args(self.engine_args)
+
+
+def default_served_name(model: str) -> str:
+    """The name a client types for KAITO_MODEL when KAITO_SERVED_MODEL_NAME is unset.
+
+    vLLM's server reports the `--model` string itself. For a hub id that is what a client
+    already knows and types (`mistralai/Mistral-7B-v0.1`; Kaito's generic Hugging Face
+    presets are named by the whole hub id too), and the owner keeps two fine-tunes of one
+    name apart, so a hub id stays whole. A local directory's full path names the machine's
+    layout, not the model: clients would have to know where a pod mounts the weights, and
+    the name would change with the mount. Its last part is the model's own name (the
+    directory `hf download --local-dir` or `make model` fills). A path is what transformers
+    loads as a path: an existing directory, or anything absolute or relative that cannot
+    be a hub id (a hub id is `name` or `owner/name`, never starting with `/`, `.` or `~`).
+    """
+    path = Path(model).expanduser()
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.is_dir():
+        # `.` or `..` have no last part of their own: name the directory they point at.
+        return path.name or path.resolve().name or model
+    return model
 
 
 def parse_engine_args(value: str) -> dict[str, Any]:

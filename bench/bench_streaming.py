@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from app.settings import DEFAULT_MODEL_DIR
+from app.settings import DEFAULT_MODEL_DIR, default_served_name
 from bench.systems import BenchConfig, HttpSystem, OurServer, VLLMServer, kill_all
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -99,10 +99,11 @@ def targets(system: HttpSystem, tokens: int) -> list[tuple[str, str, dict[str, A
     """(label, path, body) for each streamed route this system is measured on."""
     if isinstance(system, VLLMServer):
         return [("vLLM server /v1/completions", *completions_request(system.served_name, tokens))]
-    # Our server's OpenAI model name is the model path (KAITO_SERVED_MODEL_NAME unset).
+    # Our server runs without KAITO_SERVED_MODEL_NAME: it serves the default name.
+    name = default_served_name(system.config.model)
     return [
         ("ours /chat", *chat_request(tokens)),
-        ("ours /v1/completions", *completions_request(system.config.model, tokens)),
+        ("ours /v1/completions", *completions_request(name, tokens)),
     ]
 
 

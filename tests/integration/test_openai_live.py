@@ -4,6 +4,8 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.scrape import metric
+
 pytestmark = pytest.mark.integration
 
 
@@ -68,3 +70,15 @@ def test_errors_reach_the_client_as_openai_errors(client, model):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="x", max_tokens=-1)
     assert "max_tokens" in str(err.value)
+
+
+def test_the_served_name_is_the_model_directorys_last_part(client, model, model_dir, server_url):
+    """KAITO_SERVED_MODEL_NAME unset and KAITO_MODEL a directory: clients type the model's
+    own name, not the path, and the path is not a second name for it."""
+    assert model == model_dir.name == "SmolLM2-135M-Instruct"
+    assert client.completions.create(model=model, prompt="Hi", max_tokens=1).usage
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=str(model_dir), prompt="Hi", max_tokens=1)
+    # The engine's metrics carry the same name in their model_name label.
+    assert metric(server_url, "vllm:request_success_total", {"model_name": model}) >= 1
+    assert metric(server_url, "vllm:request_success_total", {"model_name": str(model_dir)}) == 0
