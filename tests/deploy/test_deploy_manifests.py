@@ -336,6 +336,10 @@ def test_settings_accept_the_values(
             assert settings.model.startswith("mistralai/Mistral-7B"), r.id
         else:
             assert settings.model == "/opt/model", f"{r.id}: the model baked into the cpu image"
+        # A model from a path or the image is named by its directory (`model` for the
+        # image's /opt/model) unless the overlay names it: clients type this name.
+        if Path(settings.model).is_absolute():
+            assert settings.served_model_name, f"{r.id}: set KAITO_SERVED_MODEL_NAME"
 
 
 def test_hub_token_comes_from_an_optional_secret(renders: list[Rendered]) -> None:
