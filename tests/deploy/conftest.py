@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.deploy_support import (
+    ADAPTER_COMPONENTS,
     DOCKERFILE,
     GPU_OPTIONAL_COMPONENTS,
     GPU_OVERLAYS,
@@ -43,7 +44,7 @@ def renders(
     out = []
     for name in deployment_overlay_names:
         out.append(render_overlay(name, (), tmp_path_factory.mktemp(name)))
-        optional = OPTIONAL_COMPONENTS
+        optional = OPTIONAL_COMPONENTS + ADAPTER_COMPONENTS
         if name in GPU_OVERLAYS:
             optional += GPU_OPTIONAL_COMPONENTS
         out.append(render_overlay(name, optional, tmp_path_factory.mktemp(name)))

@@ -40,6 +40,13 @@ OPTIONAL_COMPONENTS = (
 )
 # Optional components for GPU overlays only (docs/GPU.md).
 GPU_OPTIONAL_COMPONENTS = ("gpu-writable-root",)
+# Rendered with the optional components in every overlay's full render, but left out of
+# test_deploy_gpu's every-order check: it adds volumes of its own names and patches nothing
+# another component touches, and one more component multiplies that check's renders by 5+.
+ADAPTER_COMPONENTS = ("lora-adapters",)
+# Where Kaito mounts LoRA adapters (its ADAPTERS_DIR) and the server looks for them: one
+# directory per adapter, named after it (components/lora-adapters).
+ADAPTERS_DIR = "/mnt/adapter"
 
 # Validated against the schemas of the newest Kubernetes release the kubernetes-validate
 # package ships (offline, strict: unknown fields fail) and of the oldest release the
@@ -157,6 +164,15 @@ class Rendered:
         containers = self.pod["containers"]
         assert len(containers) == 1, f"{self.id}: expected one container"
         return containers[0]
+
+    @property
+    def adapter_mounts(self) -> dict[str, dict[str, Any]]:
+        """The container's mounts under ADAPTERS_DIR, by adapter name (the directory's)."""
+        return {
+            m["mountPath"].rstrip("/").rsplit("/", 1)[-1]: m
+            for m in self.container.get("volumeMounts", [])
+            if m["mountPath"].startswith(ADAPTERS_DIR + "/")
+        }
 
     @property
     def config_env(self) -> dict[str, str]:
