@@ -104,3 +104,23 @@ def test_guide_recreate_patch_works(guide: str, overlay: str, tmp_path: Path) ->
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     for version in (KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION):
         kubernetes_validate.validate(deployment, version, strict=True)
+
+
+def test_guide_lora_adapters_names_what_exists(guide: str) -> None:
+    """The LoRA section's components and Workspace example are the ones in manifests/, and
+    it names the Kubernetes version image volumes need (the component's own comment says
+    the same)."""
+    text = section(guide, "LoRA adapters")
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    for component in yaml.safe_load(block)["components"]:
+        assert (MANIFESTS / "overlays" / "cpu" / component / "kustomization.yaml").is_file()
+    paths = re.findall(r"`(manifests/[\w./-]+|\.\./\.\./components/[\w./-]+)`", text)
+    assert len(paths) >= 4, paths
+    for path in paths:
+        where = REPO / path if path.startswith("manifests/") else MANIFESTS / path[6:]
+        assert where.exists(), path
+    image_volume = (
+        MANIFESTS / "components/lora-adapters/image-volume/kustomization.yaml"
+    ).read_text()
+    for claim in ("1.33", "ImageVolume", "1.35"):
+        assert claim in text and claim in image_volume, claim
