@@ -123,6 +123,14 @@ class Settings(BaseSettings):
         default=False,
         description="Load the transformers backend at start-up instead of on first use.",
     )
+    output_scores: bool = Field(
+        default=False,
+        description="Serve generate_kwargs.output_scores / return_dict_in_generate on vLLM "
+        "(each token's log-probability after transformers' processing, docs/SCORES.md). "
+        "It runs vLLM with processed log-probs, for every request: each sampled step pays a "
+        "full-vocabulary log_softmax and, on a GPU, vLLM's FlashInfer top-k/top-p sampler is "
+        "off. Off: vLLM's raw log-probs and fastest sampler; those requests get a 400.",
+    )
     beam_backend: Literal["vllm", "hf"] = Field(
         default="vllm",
         description="Where plain beam search (num_beams > 1, greedy, one group) runs when "

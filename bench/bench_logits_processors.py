@@ -3,7 +3,9 @@
 1. End to end. Two offline engines in one run, same model and settings:
 
    - "ours": the server's configuration, i.e. our processor registered
-     (``logits_processors=[PROCESSOR_FQCN]``) and ``logprobs_mode="processed_logprobs"``;
+     (``logits_processors=[PROCESSOR_FQCN]``) and the server's ``logprobs_mode``:
+     ``raw_logprobs`` by default, ``processed_logprobs`` with ``--output-scores``
+     (KAITO_OUTPUT_SCORES=true);
    - "vanilla": neither.
 
    Plain requests (greedy, and sampled with Kaito's top_k=10) run on both in rounds of
@@ -14,12 +16,15 @@
    repetition penalty).
 
 2. Because end-to-end ratios on a shared 2-core machine are noisy, a microbenchmark of
-   exactly the code that differs between the two: one step of vLLM's ``Sampler`` over a
-   batch of plain requests, with vLLM's built-in processors and raw log-probs, against
-   the same plus our processor and processed log-probs, alternated over many iterations.
+   exactly the code that differs: one step of vLLM's ``Sampler`` over a batch of plain
+   requests, with vLLM's built-in processors and raw log-probs ("vanilla"), the same plus
+   our processor with the server's default raw log-probs ("ours") and with processed
+   log-probs ("ours_scores", KAITO_OUTPUT_SCORES=true), in rotating order over many
+   iterations.
 
     .venv/bin/python -m bench.bench_logits_processors            # 32 x 64 tokens, 8 at once
     .venv/bin/python -m bench.bench_logits_processors --requests 8 --tokens 32 --rounds 12
+    .venv/bin/python -m bench.bench_logits_processors --skip-end-to-end   # the step only
 """
 
 import argparse
@@ -36,6 +41,12 @@ from bench.workload import continuation_prompts
 PROMPTS = continuation_prompts()
 
 
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def configure_environment() -> None:
     """The server's CPU settings, with a 1 GiB KV cache (plenty for 8 sequences)."""
     from app.engines.vllm_engine import configure_vllm_environment
@@ -47,22 +58,31 @@ def configure_environment() -> None:
 # --- 1. end to end ------------------------------------------------------------------------
 
 
-def build_engine(model: str, ours: bool, max_num_seqs: int, eager: bool) -> Any:
+def build_engine(
+    model: str, ours: bool, max_num_seqs: int, eager: bool, output_scores: bool = False
+) -> Any:
     from vllm import LLM
 
     from app.engines.processors import PROCESSOR_FQCN
+    from app.engines.vllm_engine import logprobs_mode
+    from app.settings import Settings
 
     extra: dict[str, Any] = {}
     if ours:
-        extra = {"logits_processors": [PROCESSOR_FQCN], "logprobs_mode": "processed_logprobs"}
+        extra = {
+            "logits_processors": [PROCESSOR_FQCN],
+            "logprobs_mode": logprobs_mode(Settings(output_scores=output_scores)),
+        }
+    if on_gpu():
+        # Two engines share the GPU; the model's own dtype, as the server runs it there.
+        extra |= {"gpu_memory_utilization": 0.4, "dtype": "auto"}
     return LLM(
         model=model,
-        dtype="float32",
+        **({"dtype": "float32"} | extra),
         max_num_seqs=max_num_seqs,
         enforce_eager=eager,
         max_model_len=1024,
         seed=0,
-        **extra,
     )
 
 
@@ -91,7 +111,11 @@ def workloads(tokens: int) -> dict[str, Any]:
     )
     return {
         "greedy": SamplingParams(temperature=0.0, **common),
-        "sampled": SamplingParams(temperature=1.0, top_k=10, seed=0, **common),
+        # A per-request seed makes vLLM's CUDA sampler fall back from FlashInfer to
+        # PyTorch (forward_cuda), which would hide what a GPU run measures.
+        "sampled": SamplingParams(
+            temperature=1.0, top_k=10, seed=None if on_gpu() else 0, **common
+        ),
         "rules": to_sampling_params(used.sampling),
     }
 
@@ -99,12 +123,14 @@ def workloads(tokens: int) -> dict[str, Any]:
 class Engine:
     """An offline LLM and the processes it runs in (engine core and its workers)."""
 
-    def __init__(self, model: str, ours: bool, max_num_seqs: int, eager: bool) -> None:
+    def __init__(
+        self, model: str, ours: bool, max_num_seqs: int, eager: bool, output_scores: bool
+    ) -> None:
         import psutil
 
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
-        self.llm = build_engine(model, ours, max_num_seqs, eager)
+        self.llm = build_engine(model, ours, max_num_seqs, eager, output_scores)
         self.procs = [p for p in me.children(recursive=True) if p.pid not in before]
 
     def cpu_seconds(self) -> float:
@@ -192,8 +218,22 @@ def end_to_end(args: Any, engines: dict[str, Engine], results: dict[str, Any]) -
 # --- 2. the sampler step ------------------------------------------------------------------
 
 
-def sampler_step_cost(batch: int, vocab: int, iterations: int) -> dict[str, Any]:
-    """Microseconds per vLLM Sampler step over plain requests: vanilla vs ours."""
+# The sampler configurations the step benchmark alternates: vLLM's built-ins with raw
+# log-probs (vLLM's own server), the server's default (our processor, raw log-probs) and
+# the server with KAITO_OUTPUT_SCORES=true (our processor, processed log-probs).
+STEP_CONFIGS = {
+    "vanilla": (False, False),
+    "ours": (True, False),
+    "ours_scores": (True, True),
+}
+
+
+def sampler_step_cost(
+    batch: int, vocab: int, iterations: int, device_name: str = "cpu"
+) -> dict[str, Any]:
+    """Microseconds per vLLM Sampler step over plain requests (none asks for log-probs),
+    for each of STEP_CONFIGS, in rotating order. On "cuda" vLLM picks its CUDA sampler,
+    FlashInfer's where the mode and the environment allow (VLLM_USE_FLASHINFER_SAMPLER)."""
     import torch
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import (
@@ -207,12 +247,15 @@ def sampler_step_cost(batch: int, vocab: int, iterations: int) -> dict[str, Any]
     from vllm.v1.sample.sampler import Sampler
 
     from app.engines.processors.vllm_processor import TransformersRulesProcessor
+    from app.engines.vllm_engine import logprobs_mode
+    from app.settings import Settings
 
-    cpu = torch.device("cpu")
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=batch))
     outputs: list[list[int]] = [[] for _ in range(batch)]
 
-    def setup(ours: bool, sampled: bool) -> tuple[Any, Any]:
+    def setup(ours: bool, scores: bool, sampled: bool) -> tuple[Any, Any]:
         classes: list[Any] = [
             MinTokensLogitsProcessor,
             LogitBiasLogitsProcessor,
@@ -220,7 +263,7 @@ def sampler_step_cost(batch: int, vocab: int, iterations: int) -> dict[str, Any]
         ]
         if ours:
             classes.append(TransformersRulesProcessor)
-        processors = LogitsProcessors(cls(config, cpu, False) for cls in classes)
+        processors = LogitsProcessors(cls(config, device, False) for cls in classes)
         builder = BatchUpdateBuilder()
         params = SamplingParams(temperature=1.0 if sampled else 0.0, top_k=10 if sampled else 0)
         for i in range(batch):
@@ -229,52 +272,60 @@ def sampler_step_cost(batch: int, vocab: int, iterations: int) -> dict[str, Any]
         for p in processors.all:
             p.update_state(update)
         metadata = SamplingMetadata(
-            temperature=torch.ones(batch) if sampled else None,
+            temperature=torch.ones(batch, device=device) if sampled else None,
             all_greedy=not sampled,
             all_random=sampled,
             top_p=None,
-            top_k=torch.full((batch,), 10) if sampled else None,
+            # int32, as vLLM's input batch holds it (FlashInfer's kernel takes that).
+            top_k=torch.full((batch,), 10, dtype=torch.int32, device=device) if sampled else None,
             generators={},
             max_num_logprobs=None,
             no_penalties=True,
             prompt_token_ids=None,
-            frequency_penalties=torch.zeros(batch),
-            presence_penalties=torch.zeros(batch),
-            repetition_penalties=torch.ones(batch),
+            frequency_penalties=torch.zeros(batch, device=device),
+            presence_penalties=torch.zeros(batch, device=device),
+            repetition_penalties=torch.ones(batch, device=device),
             # vLLM passes the output lists whenever custom processors are registered.
             output_token_ids=outputs if ours else [],
             allowed_token_ids_mask=None,
             bad_words_token_ids={},
             logitsprocs=processors,
         )
-        mode = "processed_logprobs" if ours else "raw_logprobs"
-        return Sampler(logprobs_mode=mode), metadata
+        # The mode the server would give the engine (vanilla: vLLM's default).
+        mode = logprobs_mode(Settings(output_scores=scores)) if ours else "raw_logprobs"
+        return Sampler(logprobs_mode=mode), metadata  # type: ignore[arg-type]
 
+    names = list(STEP_CONFIGS)
     results: dict[str, Any] = {}
-    logits = torch.randn(batch, vocab)
+    logits = torch.randn(batch, vocab, device=device)
     for workload in ("greedy", "sampled"):
-        runs = {name: setup(name == "ours", workload == "sampled") for name in ("ours", "vanilla")}
-        times: dict[str, list[float]] = {"ours": [], "vanilla": []}
+        runs = {name: setup(*STEP_CONFIGS[name], sampled=workload == "sampled") for name in names}
+        times: dict[str, list[float]] = {name: [] for name in names}
         for i in range(iterations):
-            for name in ("ours", "vanilla") if i % 2 == 0 else ("vanilla", "ours"):
+            # Rotate the order so each configuration runs first, second and third alike.
+            for name in names[i % 3 :] + names[: i % 3]:
                 sampler, metadata = runs[name]
+                sync()
                 start = time.perf_counter()
                 for p in metadata.logitsprocs.all:  # the per-step update vLLM makes
                     p.update_state(None)
                 sampler(logits.clone(), metadata)
+                sync()
                 times[name].append(time.perf_counter() - start)
         # The minimum estimates the intrinsic cost when other processes share the cores;
         # the median shows what contention did to it.
         for stat, agg in (("min", min), ("median", statistics.median)):
-            ours, vanilla = (agg(times[n]) * 1e6 for n in ("ours", "vanilla"))
+            us = {name: agg(times[name]) * 1e6 for name in names}
             results.setdefault(workload, {})[stat] = {
-                "ours_us": ours,
-                "vanilla_us": vanilla,
-                "extra_us": ours - vanilla,
+                **{f"{name}_us": value for name, value in us.items()},
+                "extra_us": us["ours"] - us["vanilla"],
+                "scores_extra_us": us["ours_scores"] - us["vanilla"],
             }
             print(
-                f"sampler step, {batch} plain {workload} rows ({stat}): ours {ours:.0f} us, "
-                f"vanilla {vanilla:.0f} us, extra {ours - vanilla:+.0f} us",
+                f"sampler step, {batch} plain {workload} rows ({stat}): vanilla "
+                f"{us['vanilla']:.0f} us, ours {us['ours']:.0f} us "
+                f"({us['ours'] - us['vanilla']:+.0f}), ours with KAITO_OUTPUT_SCORES "
+                f"{us['ours_scores']:.0f} us ({us['ours_scores'] - us['vanilla']:+.0f})",
                 flush=True,
             )
     return results
@@ -292,7 +343,19 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="torch.compile (slow start)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--vanilla-first", action="store_true", help="build vanilla first")
+    parser.add_argument(
+        "--output-scores",
+        action="store_true",
+        help="end to end: ours as with KAITO_OUTPUT_SCORES=true (processed log-probs)",
+    )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--step-iterations", type=int, default=300)
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if on_gpu() else "cpu",
+        help="where the sampler step runs (default: cuda when a GPU is visible)",
+    )
     args = parser.parse_args()
     configure_environment()
 
@@ -308,9 +371,13 @@ def main() -> None:
             "rounds": args.rounds,
             "eager": not args.compiled,
             "cpus": os.cpu_count(),
+            "output_scores": args.output_scores,
+            "device": args.device,
             "load_average_at_start": os.getloadavg(),
         },
-        "sampler_step": sampler_step_cost(args.concurrency, 49152, 300),
+        "sampler_step": sampler_step_cost(
+            args.concurrency, 49152, args.step_iterations, args.device
+        ),
     }
     if not args.skip_end_to_end:
         engines: dict[str, Engine] = {}
@@ -321,13 +388,17 @@ def main() -> None:
             results["setup"]["created_first"] = order[0]
             for name in order:
                 engines[name] = Engine(
-                    args.model, name == "ours", args.concurrency, not args.compiled
+                    args.model,
+                    name == "ours",
+                    args.concurrency,
+                    not args.compiled,
+                    args.output_scores,
                 )
             end_to_end(args, engines, results)
         finally:
             for engine in engines.values():
                 engine.llm.llm_engine.engine_core.shutdown()
-        results["setup"]["load_average_at_end"] = os.getloadavg()
+    results["setup"]["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -99,7 +99,9 @@ def live_server(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    yield from running(ServerProcess(["--enforce-eager", "--model", str(model_dir)], log))
+    # Scores on: many live tests read token ids and log-probs from output_scores.
+    args = ["--enforce-eager", "--output-scores", "--model", str(model_dir)]
+    yield from running(ServerProcess(args, log))
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,9 @@ SETTING_FOR = {
     "enforce_eager": "KAITO_ENFORCE_EAGER (--enforce-eager)",
     "attention_backend": "KAITO_ATTENTION_BACKEND (--attention-backend)",
     "otlp_traces_endpoint": "KAITO_OTLP_TRACES_ENDPOINT (--otlp-traces-endpoint)",
+    # raw_logprobs without scores, processed_logprobs with them; the logits modes would
+    # break both the scores and the beam step loop, which read log-probabilities.
+    "logprobs_mode": "KAITO_OUTPUT_SCORES (--output-scores)",
 }
 
 # Engine arguments the server sets itself, and why a different value would break it.
@@ -43,7 +46,6 @@ SERVER_OWNED = {
     "disable_log_stats": "the server's /metrics serves vLLM's vllm:* metrics, which need stats on",
     "logits_processors": "the server installs its transformers-rules processor; a list "
     "here would replace it",
-    "logprobs_mode": "the server's scores and beam search need processed_logprobs",
     "tokenizer": "the server tokenizes with the model's own tokenizer (KAITO_MODEL); the "
     "engine must use the same one",
     "skip_tokenizer_init": "stop strings need the engine's tokenizer",

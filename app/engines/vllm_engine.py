@@ -190,7 +190,8 @@ def to_sampling_params(
         logit_bias=spec.logit_bias,
         seed=spec.seed,
         extra_args=extra_args or None,
-        # With logprobs_mode="processed_logprobs" (engine_args), the chosen token's
+        # Asked for only with KAITO_OUTPUT_SCORES, so the engine runs
+        # logprobs_mode="processed_logprobs" (engine_args): the chosen token's
         # log-probability after every processor, penalty and warper.
         logprobs=spec.logprobs,
         # We decode the final token ids once, the pipeline's way; vLLM need not
@@ -212,6 +213,32 @@ def engine_eos_ids(llm: "AsyncLLM") -> frozenset[int]:
     if configured is not None:
         ids.update([configured] if isinstance(configured, int) else configured)
     return frozenset(ids)
+
+
+def logprobs_mode(settings: Settings) -> str:
+    """vLLM's engine-wide logprobs_mode, which also picks its sampler at start-up.
+
+    Scores (KAITO_OUTPUT_SCORES) are log-probs after every processor, penalty and warper:
+    "processed_logprobs". vLLM computes those for every sampled step of every batch, asked
+    for or not (a full-vocabulary log_softmax), and on CUDA that mode rules out FlashInfer's
+    top-k/top-p sampler (vllm/v1/sample/ops/topk_topp_sampler.py). Without scores the
+    engine runs as vLLM's own server does: "raw_logprobs", computed only for a batch in
+    which a request asks for log-probs (the beam step loop; the OpenAI endpoints).
+    """
+    return "processed_logprobs" if settings.output_scores else "raw_logprobs"
+
+
+def refuse_scores_without_setting(spec: SamplingSpec, settings: Settings) -> None:
+    """A request asking for scores on an engine running raw log-probs gets a 400 naming
+    the setting: raw log-probs are not the processed scores docs/SCORES.md promises
+    (they ignore temperature, top-k, top-p and every penalty), so none are returned."""
+    if spec.logprobs is not None and not settings.output_scores:
+        raise ParameterError(
+            "generate_kwargs.output_scores",
+            "output_scores / return_dict_in_generate: this server does not compute scores; "
+            "start it with KAITO_OUTPUT_SCORES=true (--output-scores) to serve them "
+            "(docs/SCORES.md says what that costs every request).",
+        )
 
 
 def _chosen_logprobs(completion: Any) -> list[float] | None:
@@ -256,10 +283,7 @@ class VLLMEngine(LoadedModel):
             # transformers rules vLLM lacks (typical_p, n-gram bans, ...): one processor,
             # idle for requests that do not use it (app/engines/processors).
             "logits_processors": [PROCESSOR_FQCN],
-            # Scores (output_scores) are log-probs after processing. For a row nothing
-            # processes, these equal raw log-probs (the beam step loop relies on that);
-            # the cost is one log_softmax per sampling step (docs/SCORES.md).
-            "logprobs_mode": "processed_logprobs",
+            "logprobs_mode": logprobs_mode(s),
             # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
             # trace whose headers generate() receives (app/tracing.py). None: off.
             "otlp_traces_endpoint": s.otlp_traces_endpoint,
@@ -331,6 +355,7 @@ class VLLMEngine(LoadedModel):
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
+        refuse_scores_without_setting(request.sampling, self._settings)
         if self._llm is None or self._llm.errored:
             raise EngineDeadError("the vLLM engine is not running")
         final = None
@@ -368,6 +393,7 @@ class VLLMEngine(LoadedModel):
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
+        refuse_scores_without_setting(request.sampling, self._settings)
         if self._llm is None or self._llm.errored:
             raise EngineDeadError("the vLLM engine is not running")
         outputs = self._llm.generate(

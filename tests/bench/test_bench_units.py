@@ -141,3 +141,15 @@ def test_otlp_sink_accepts_the_real_exporters_batches() -> None:
         assert sink.exports == 1
     finally:
         sink.stop()
+
+
+def test_sampler_step_bench_times_every_configuration() -> None:
+    """The step benchmark runs vLLM's real Sampler in each configuration, with the
+    log-probs mode the server would give it."""
+    from bench.bench_logits_processors import STEP_CONFIGS, sampler_step_cost
+
+    results = sampler_step_cost(batch=2, vocab=1000, iterations=3)
+    for workload in ("greedy", "sampled"):
+        times = results[workload]["min"]
+        assert all(times[f"{name}_us"] > 0 for name in STEP_CONFIGS)
+        assert times["extra_us"] == times["ours_us"] - times["vanilla_us"]

@@ -128,6 +128,7 @@ def test_tensor_parallel_2_matches_tensor_parallel_1_then_a_dead_worker_stops_th
     server = ServerProcess(
         [
             "--enforce-eager",
+            "--output-scores",
             "--model",
             str(padded_model),
             "--tensor-parallel-size",

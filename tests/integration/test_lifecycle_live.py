@@ -84,6 +84,7 @@ def small_server(hostile_model, tmp_path_factory):
     server = ServerProcess(
         [
             "--enforce-eager",
+            "--output-scores",
             "--model",
             str(hostile_model[0]),
             "--max-model-len",

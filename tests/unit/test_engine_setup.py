@@ -92,7 +92,7 @@ def test_engine_args():
     # Stats on: vLLM's vllm:* metrics live in this process's registry for /metrics.
     assert cpu["disable_log_stats"] is False
     assert (cpu["model"], cpu["max_model_len"], cpu["enforce_eager"]) == ("/models/m", 4096, True)
-    assert cpu["logits_processors"] and cpu["logprobs_mode"] == "processed_logprobs"
+    assert cpu["logits_processors"] and cpu["logprobs_mode"] == "raw_logprobs"
     # vLLM's choice unless set; a GPU setting only.
     assert gpu["attention_backend"] is None
     pinned = VLLMEngine(Settings(attention_backend="FLASH_ATTN"))

@@ -53,7 +53,7 @@ def test_engine_args_merge_into_the_servers():
     engine = VLLMEngine(Settings(engine_args='{"block_size": 32, "enable_prefix_caching": true}'))
     args = engine.engine_args(on_gpu=False)
     assert args["block_size"] == 32 and args["enable_prefix_caching"] is True
-    assert args["logprobs_mode"] == "processed_logprobs"  # the server's own stay
+    assert args["logprobs_mode"] == "raw_logprobs"  # the server's own stay
 
 
 def test_parallel_settings_reach_the_engine():
@@ -145,7 +145,7 @@ def test_vllm_engine_arguments_pass(vllm_fields, overrides):
         ({"pipeline_parallel_size": 2}, "controlled by KAITO_PIPELINE_PARALLEL_SIZE"),
         ({"distributed_executor_backend": "ray"}, "KAITO_DISTRIBUTED_EXECUTOR_BACKEND"),
         ({"model": "/other"}, "controlled by KAITO_MODEL"),
-        ({"logprobs_mode": "raw_logprobs"}, "'logprobs_mode' cannot be set"),
+        ({"logprobs_mode": "raw_logprobs"}, "controlled by KAITO_OUTPUT_SCORES"),
         ({"disable_log_stats": True}, "'disable_log_stats' cannot be set"),
     ],
 )
