@@ -142,8 +142,12 @@ RUN --mount=type=secret,id=hf_token \
 FROM runtime AS cpu
 COPY --from=build-cpu /opt/venv /opt/venv
 COPY --from=weights-cpu /opt/model /opt/model
+# Served as the baked model's name, not as "model" (the last part of /opt/model): the hub
+# id given to the build, or the default model's name.
+ARG MODEL=""
 ENV KAITO_DEVICE=cpu \
-    KAITO_DTYPE=float32
+    KAITO_DTYPE=float32 \
+    KAITO_SERVED_MODEL_NAME=${MODEL:-SmolLM2-135M-Instruct}
 USER 10001:10001
 WORKDIR /home/kaito
 EXPOSE 5000
@@ -176,7 +180,11 @@ ENTRYPOINT ["python", "-m", "app"]
 FROM runtime AS gpu
 COPY --from=build-gpu /opt/venv /opt/venv
 COPY --from=weights-gpu /opt/model /opt/model
+# The baked hub id as the served name; without MODEL it is empty, which the server treats
+# as unset (the name then comes from KAITO_MODEL, which such a deployment sets).
+ARG MODEL=""
 ENV KAITO_DEVICE=cuda \
+    KAITO_SERVED_MODEL_NAME=${MODEL} \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
     PATH=$PATH:/usr/local/nvidia/bin \
