@@ -43,6 +43,8 @@ def _scores(tokenizer: Tokenizer, prompt_ids: list[int], seq: GeneratedSequence)
     logprobs += [None] * (len(seq.token_ids) - len(logprobs))
     texts = token_texts(tokenizer, prompt_ids, seq.token_ids)
     total = None if None in logprobs else sum(lp for lp in logprobs if lp is not None)
+    if seq.sequence_score is not None and math.isfinite(seq.sequence_score):
+        total = seq.sequence_score
     return {
         "tokens": [
             TokenScore(id=token, text=text, logprob=lp)

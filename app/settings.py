@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         default=False,
         description="Load the transformers backend at start-up instead of on first use.",
     )
+    hf_max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most waiting beam-search requests with equal settings the transformers "
+        "backend runs together as one batch (1: one request at a time).",
+    )
     beam_backend: Literal["vllm", "hf"] = Field(
         default="vllm",
         description="Where plain beam search (num_beams > 1, greedy, one group) runs when "

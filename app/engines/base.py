@@ -33,6 +33,10 @@ class GeneratedSequence:
     # Each token's log-probability under the processed distribution, when the request
     # asked for scores (SamplingSpec.logprobs); None otherwise.
     logprobs: list[float] | None = None
+    # Beam search's own score of the sequence (transformers' ``sequences_scores``: the
+    # summed log-probabilities over length ** length_penalty), with scores; None
+    # otherwise, and the reply then sums ``logprobs``.
+    sequence_score: float | None = None
 
 
 @dataclass(frozen=True)
