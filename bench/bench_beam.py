@@ -69,10 +69,8 @@ def hf_batching(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, 
             server.start(f"beam-hf-batch{size}")
             assert server.url is not None
             servers[size] = server
-            for kwargs in workloads.values():  # warm-up
-                asyncio.run(
-                    run_clients(server.url, prompts[: args.concurrency], kwargs, args.concurrency)
-                )
+            for kwargs in workloads.values():  # warm-up: the model loads at start-up
+                asyncio.run(run_clients(server.url, prompts[:1], kwargs, 1))
         for rep in range(args.repeats):
             order = sizes if rep % 2 == 0 else sizes[::-1]
             for name, kwargs in workloads.items():
