@@ -33,9 +33,9 @@ class GeneratedSequence:
     # Each token's log-probability under the processed distribution, when the request
     # asked for scores (SamplingSpec.logprobs); None otherwise.
     logprobs: list[float] | None = None
-    # Beam search's own score of the sequence (transformers' ``sequences_scores``: the
-    # summed log-probabilities over length ** length_penalty), with scores; None
-    # otherwise, and the reply then sums ``logprobs``.
+    # The search's own score of the sequence where it defines one (beam search:
+    # transformers' sequences_scores, sum of log-probs / length ** length_penalty); None:
+    # the reply sums the log-probs.
     sequence_score: float | None = None
 
 
