@@ -23,7 +23,8 @@ REQUEST_LATENCY = Histogram(
 BACKEND_REQUESTS = Counter(
     "kaito_backend_requests", "Generation requests by the path that served them.", ["backend"]
 )
-# The transformers backend serves one request at a time, first come first served.
+# The transformers backend runs one batch at a time (beam requests with equal settings
+# batch together), started first come, first served.
 HF_QUEUE_DEPTH = Gauge(
     "kaito_hf_queue_depth", "Requests waiting for the transformers backend (not yet running)."
 )
@@ -33,7 +34,7 @@ READY = Gauge(
     "kaito_ready", "1 when the server is ready (engine loaded and alive, not draining), else 0."
 )
 HF_RUNNING = Gauge(
-    "kaito_hf_running", "Requests the transformers backend is generating now (0 or 1)."
+    "kaito_hf_running", "Requests the transformers backend is generating now (the running batch)."
 )
 
 

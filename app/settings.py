@@ -131,6 +131,13 @@ class Settings(BaseSettings):
         "full-vocabulary log_softmax and, on a GPU, vLLM's FlashInfer top-k/top-p sampler is "
         "off. Off: vLLM's raw log-probs and fastest sampler; those requests get a 400.",
     )
+    hf_max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most waiting beam-search requests with equal settings the transformers "
+        "backend runs together as one batch (1: one request at a time).",
+    )
     beam_backend: Literal["vllm", "hf"] = Field(
         default="vllm",
         description="Where plain beam search (num_beams > 1, greedy, one group) runs when "

@@ -11,6 +11,14 @@ with ``generate`` and the same settings: one at a time (what Kaito's pipeline se
 does) and as static batches of ``--concurrency`` prompts (left-padded).
 
 Prints one JSON line per system and the ratios; bench/NOTES_beam.md has measured runs.
+
+    .venv/bin/python bench/bench_beam.py --hf-max-batch 1,8 [--repeats 2]
+
+measures the transformers backend's batching instead: one server per
+KAITO_HF_MAX_BATCH value, transformers alone (KAITO_BACKEND=hf, no vLLM engine), all
+started first; then, per repetition, the same plain-beam and group-beam (2 groups,
+diversity_penalty 1.0) workloads on each server in turn, the order alternating, so
+each runs while the others idle.
 """
 
 import argparse
@@ -41,6 +49,53 @@ def generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "length_penalty": 1.0,
         "early_stopping": False,
     }
+
+
+def group_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Group (diverse) beam search: always the transformers backend."""
+    return {**generate_kwargs(args), "num_beam_groups": 2, "diversity_penalty": 1.0}
+
+
+def hf_batching(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
+    """The transformers backend at each KAITO_HF_MAX_BATCH, interleaved."""
+    sizes = [int(v) for v in args.hf_max_batch.split(",") if v]
+    workloads = {"beam": generate_kwargs(args), "group beam": group_kwargs(args)}
+    servers = {}
+    rows: list[dict[str, Any]] = []
+    try:
+        for size in sizes:
+            server = beam_server(args, "hf")
+            server.extra_env.update(KAITO_BACKEND="hf", KAITO_HF_MAX_BATCH=str(size))
+            server.start(f"beam-hf-batch{size}")
+            assert server.url is not None
+            servers[size] = server
+            for kwargs in workloads.values():  # warm-up: the model loads at start-up
+                asyncio.run(run_clients(server.url, prompts[:1], kwargs, 1))
+        for rep in range(args.repeats):
+            order = sizes if rep % 2 == 0 else sizes[::-1]
+            for name, kwargs in workloads.items():
+                for size in order:
+                    url = servers[size].url
+                    assert url is not None
+                    row = asyncio.run(run_clients(url, prompts, kwargs, args.concurrency))
+                    row = {"system": f"{name}, KAITO_HF_MAX_BATCH={size}", "rep": rep, **row}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        for server in servers.values():
+            server.stop()
+    for name in workloads:
+        for size in sizes[1:]:
+            for rep in range(args.repeats):
+                wall = {
+                    r["system"]: r["wall_s"]
+                    for r in rows
+                    if r["rep"] == rep and name in r["system"]
+                }
+                before = wall[f"{name}, KAITO_HF_MAX_BATCH={sizes[0]}"]
+                after = wall[f"{name}, KAITO_HF_MAX_BATCH={size}"]
+                print(f"{name} rep {rep}: batch {size} vs {sizes[0]}: {before / after:.2f}x")
+    return rows
 
 
 def beam_server(args: argparse.Namespace, beam_backend: str) -> OurServer:
@@ -173,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--log-dir", default="/tmp/bench_beam")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--hf-max-batch",
+        default="",
+        help="KAITO_HF_MAX_BATCH values (e.g. 1,8): measure the transformers backend's "
+        "batching instead (see above)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="with --hf-max-batch")
     args = parser.parse_args(argv)
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
@@ -180,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({"workload": kwargs, "requests": args.requests, "concurrency": args.concurrency})
     )
+    if args.hf_max_batch:
+        hf_batching(args, prompts)
+        return 0
     results: list[dict[str, Any]] = []
     for backend in [b for b in args.beam_backends.split(",") if b]:
         server = beam_server(args, backend)

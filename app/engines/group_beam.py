@@ -22,6 +22,13 @@ with its ``BeamSearchScorer`` / ``BeamHypotheses``:
   ``num_return_sequences`` of all groups are returned, an eos-finished one followed by
   the first eos id, as 4.x ``finalize`` writes it.
 
+Several prompts with the same settings run as one left-padded batch (positions from the
+attention mask, as ``generate`` derives them); every prompt keeps its own groups,
+hypotheses and stopping, as 4.x's batched scorer does. Each sequence carries its
+hypothesis score (4.x ``sequences_scores``) and the processed log-probability of each
+token on the beam that chose it (what ``compute_transition_scores`` reads from 4.x's
+``scores`` and ``beam_indices``: after the diversity penalty and the processors).
+
 Only imported by the transformers backend, which has torch loaded already.
 """
 
@@ -44,15 +51,23 @@ class _Hypotheses:
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
         self.max_length = max_length
-        self.beams: list[tuple[float, list[int], bool]] = []  # (score, tokens, ended by eos)
+        # (score, tokens, ended by eos, each token's log-probability)
+        self.beams: list[tuple[float, list[int], bool, list[float]]] = []
         self.worst_score = 1e9
 
-    def add(self, tokens: list[int], sum_logprobs: float, generated_len: int, eos: bool) -> None:
+    def add(
+        self,
+        tokens: list[int],
+        sum_logprobs: float,
+        generated_len: int,
+        eos: bool,
+        logprobs: list[float],
+    ) -> None:
         score = sum_logprobs / (generated_len**self.length_penalty)
         if len(self.beams) < self.size or score > self.worst_score:
-            self.beams.append((score, tokens, eos))
+            self.beams.append((score, tokens, eos, logprobs))
             if len(self.beams) > self.size:
-                ranked = sorted((s, i) for i, (s, _, _) in enumerate(self.beams))
+                ranked = sorted((s, i) for i, (s, _, _, _) in enumerate(self.beams))
                 del self.beams[ranked[0][1]]
                 self.worst_score = ranked[1][0]
             else:
@@ -122,10 +137,22 @@ def group_beam_search(
     kwargs: Mapping[str, Any],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[GeneratedSequence]:
-    """Runs group beam search for one prompt; ``kwargs`` are transformers generate kwargs.
+    """Runs group beam search for one prompt; ``kwargs`` are transformers generate kwargs."""
+    return group_beam_search_batch(model, [prompt_ids], kwargs, should_stop)[0]
 
-    ``should_stop`` is polled once per step (a cancelled request stops early and its
-    result is thrown away).
+
+@torch.inference_mode()
+def group_beam_search_batch(
+    model: Any,
+    prompts: list[list[int]],
+    kwargs: Mapping[str, Any],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[list[GeneratedSequence]]:
+    """Runs group beam search for several prompts with the same ``kwargs`` (transformers
+    generate kwargs) as one batch; one list of sequences per prompt.
+
+    ``should_stop`` is polled once per step (a cancelled batch stops early and its
+    results are thrown away: every prompt then gets no sequences).
     """
     from transformers import DynamicCache
 
@@ -141,124 +168,192 @@ def group_beam_search(
     pad = kwargs.get("pad_token_id")
     pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
     device = next(model.parameters()).device
+    batch = len(prompts)
 
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    prompt_len = prompt.shape[-1]
+    # Left-padded prompts; all-ones mask without padding (a lone prompt is unchanged).
+    prompt_len = max(len(p) for p in prompts)
+    prompt = torch.tensor(
+        [[pad_id] * (prompt_len - len(p)) + list(p) for p in prompts],
+        dtype=torch.long,
+        device=device,
+    )
+    prompt_mask = torch.tensor(
+        [[0] * (prompt_len - len(p)) + [1] * len(p) for p in prompts],
+        dtype=torch.long,
+        device=device,
+    )
     max_length = prompt_len + int(kwargs["max_new_tokens"])
     processors = logits_processors(model, kwargs, prompt)
 
+    # Rows are prompt-major: prompt b's beams are rows b * num_beams ... + num_beams.
     hyps = [
-        _Hypotheses(group_size, length_penalty, early_stopping, max_length)
-        for _ in range(num_groups)
+        [
+            _Hypotheses(group_size, length_penalty, early_stopping, max_length)
+            for _ in range(num_groups)
+        ]
+        for _ in range(batch)
     ]
-    done = [False] * num_groups
-    input_ids = prompt.repeat(num_beams, 1)
-    beam_scores = torch.full((num_beams,), -1e9, dtype=torch.float, device=device)
-    beam_scores[::group_size] = 0
+    done = [[False] * num_groups for _ in range(batch)]
+    input_ids = prompt.repeat_interleave(num_beams, dim=0)
+    attention_mask = prompt_mask.repeat_interleave(num_beams, dim=0)
+    padded = bool((prompt_mask == 0).any())
+    beam_scores = torch.full((batch, num_beams), -1e9, dtype=torch.float, device=device)
+    beam_scores[:, ::group_size] = 0
+    beam_scores = beam_scores.view(-1)
+    token_logprobs: list[list[float]] = [[] for _ in range(batch * num_beams)]
     n_keep = max(2, 1 + len(eos)) * group_size
+    arange_beams = torch.arange(num_beams, device=device)
 
     cache = DynamicCache()
     step_input = input_ids
     cur_len = prompt_len
     while True:
         if should_stop():
-            return []
-        attention_mask = torch.ones((num_beams, cur_len), dtype=torch.long, device=device)
+            return [[] for _ in prompts]
+        model_kwargs: dict[str, Any] = {}
+        if padded:
+            # generate's rule: positions count the row's real tokens only.
+            positions = attention_mask.cumsum(-1) - 1
+            positions = positions.masked_fill(attention_mask == 0, 1)
+            model_kwargs["position_ids"] = positions[:, -step_input.shape[1] :]
         outputs = model(
             input_ids=step_input,
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=True,
             return_dict=True,
+            **model_kwargs,
         )
         cache = outputs.past_key_values
         logits = outputs.logits[:, -1, :]
-        current_tokens = torch.zeros(num_beams, dtype=input_ids.dtype, device=device)
-        reordering = torch.zeros(num_beams, dtype=torch.long, device=device)
+        current_tokens = torch.zeros(batch * num_beams, dtype=input_ids.dtype, device=device)
+        reordering = torch.zeros(batch * num_beams, dtype=torch.long, device=device)
+        next_logprobs: list[list[float]] = [[] for _ in range(batch * num_beams)]
         for g in range(num_groups):
             start, end = g * group_size, (g + 1) * group_size
-            group_ids = input_ids[start:end]
-            if done[g]:
-                # 4.x: a done group continues with pad tokens, score 0, from its beam 0.
-                beam_scores[start:end] = 0
-                current_tokens[start:end] = pad_id
-                reordering[start:end] = start
-                input_ids[start:end] = group_ids[torch.zeros(group_size, dtype=torch.long)]
-                continue
-            scores = nn.functional.log_softmax(logits[start:end].to(torch.float32), dim=-1)
-            if diversity_penalty > 0.0 and start > 0:
-                # HammingDiversityLogitsProcessor: earlier groups' tokens at this step.
-                frequency = torch.bincount(current_tokens[:start], minlength=scores.shape[-1])
-                scores = scores - diversity_penalty * frequency.to(scores.device)
-            scores = processors(group_ids, scores)
+            # This group's rows of every prompt, prompt-major.
+            rows = (
+                (torch.arange(batch, device=device) * num_beams).unsqueeze(-1)
+                + arange_beams[start:end]
+            ).view(-1)
+            group_ids = input_ids[rows]
+            scores = nn.functional.log_softmax(logits[rows].to(torch.float32), dim=-1)
             vocab_size = scores.shape[-1]
-            next_scores = (scores + beam_scores[start:end].unsqueeze(-1)).view(
-                1, group_size * vocab_size
+            if diversity_penalty > 0.0 and start > 0:
+                # HammingDiversityLogitsProcessor: this prompt's earlier groups' tokens at
+                # this step.
+                earlier = current_tokens.view(batch, num_beams)[:, :start]
+                frequency = torch.zeros(batch, vocab_size, dtype=scores.dtype, device=device)
+                frequency.scatter_add_(
+                    1, earlier, torch.ones(earlier.shape, dtype=scores.dtype, device=device)
+                )
+                scores = scores - diversity_penalty * frequency.repeat_interleave(group_size, dim=0)
+            scores = processors(group_ids, scores)
+            next_scores = (scores + beam_scores[rows].unsqueeze(-1)).view(
+                batch, group_size * vocab_size
             )
             next_scores, next_tokens = torch.topk(
                 next_scores, n_keep, dim=1, largest=True, sorted=True
             )
-            next_scores, next_tokens = next_scores[0], next_tokens[0]
             next_indices = torch.div(next_tokens, vocab_size, rounding_mode="floor")
             next_tokens = next_tokens % vocab_size
 
-            # BeamSearchScorer.process for this group.
-            new_scores = torch.zeros(group_size, dtype=next_scores.dtype, device=device)
-            new_tokens = torch.zeros(group_size, dtype=torch.long, device=device)
-            new_indices = torch.zeros(group_size, dtype=torch.long, device=device)
-            kept = 0
-            for rank in range(n_keep):
-                token = int(next_tokens[rank])
-                index = int(next_indices[rank])
-                if token in eos:
-                    if rank >= group_size:
-                        continue
-                    hyps[g].add(
-                        group_ids[index].tolist()[prompt_len:],
-                        float(next_scores[rank].item()),
-                        generated_len=cur_len + 1 - prompt_len,
-                        eos=True,
-                    )
-                else:
-                    new_scores[kept] = next_scores[rank]
-                    new_tokens[kept] = token
-                    new_indices[kept] = index
-                    kept += 1
-                if kept == group_size:
-                    break
-            done[g] = done[g] or hyps[g].is_done(
-                float(next_scores.max().item()), cur_len + 1, prompt_len
-            )
+            for b in range(batch):
+                base = b * num_beams + start
+                if done[b][g]:
+                    # 4.x: a done group continues with pad tokens, score 0, from its beam 0.
+                    beam_scores[base : base + group_size] = 0
+                    current_tokens[base : base + group_size] = pad_id
+                    reordering[base : base + group_size] = base
+                    for i in range(group_size):
+                        next_logprobs[base + i] = token_logprobs[base]
+                    continue
+                # BeamSearchScorer.process for this prompt's group.
+                kept = 0
+                new_indices = [0] * group_size
+                for rank in range(n_keep):
+                    token = int(next_tokens[b, rank])
+                    index = int(next_indices[b, rank])
+                    # The token's processed log-probability on the beam that chose it.
+                    logprob = float(scores[b * group_size + index, token].item())
+                    history = token_logprobs[base + index]
+                    if token in eos:
+                        if rank >= group_size:
+                            continue
+                        hyps[b][g].add(
+                            input_ids[base + index].tolist()[prompt_len:],
+                            float(next_scores[b, rank].item()),
+                            generated_len=cur_len + 1 - prompt_len,
+                            eos=True,
+                            logprobs=history + [logprob],
+                        )
+                    else:
+                        beam_scores[base + kept] = next_scores[b, rank]
+                        current_tokens[base + kept] = token
+                        new_indices[kept] = index
+                        next_logprobs[base + kept] = history + [logprob]
+                        kept += 1
+                    if kept == group_size:
+                        break
+                done[b][g] = done[b][g] or hyps[b][g].is_done(
+                    float(next_scores[b].max().item()), cur_len + 1, prompt_len
+                )
+                reordering[base : base + group_size] = base + torch.tensor(
+                    new_indices, dtype=torch.long, device=device
+                )
+            # Later groups see this group's chosen beams (4.x updates input_ids in place).
+            input_ids[rows] = input_ids[reordering[rows]]
 
-            beam_scores[start:end] = new_scores
-            input_ids[start:end] = group_ids[new_indices]
-            current_tokens[start:end] = new_tokens
-            reordering[start:end] = start + new_indices
-
+        token_logprobs = next_logprobs
         input_ids = torch.cat([input_ids, current_tokens.unsqueeze(-1)], dim=-1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
         cache.reorder_cache(reordering)
         step_input = current_tokens.unsqueeze(-1)
         cur_len += 1
-        # The loop's stopping criteria: max_length, or every group done (a row ending in
-        # eos is a done group's pad when pad is eos).
-        if all(done) or cur_len >= max_length:
+        # The loop's stopping criteria: max_length, or every group of every prompt done
+        # (a row ending in eos is a done group's pad when pad is eos).
+        if all(all(d) for d in done) or cur_len >= max_length:
             break
 
-    # BeamSearchScorer.finalize.
-    for g in range(num_groups):
-        if done[g]:
-            continue
-        for i in range(g * group_size, (g + 1) * group_size):
-            tokens = input_ids[i].tolist()[prompt_len:]
-            hyps[g].add(tokens, float(beam_scores[i].item()), generated_len=len(tokens), eos=False)
-    candidates = [beam for h in hyps for beam in h.beams]
-    ranked = sorted(candidates, key=lambda x: x[0])
     results = []
-    for _ in range(n_return):
-        _, tokens, ended_by_eos = ranked.pop()
-        if ended_by_eos:
-            # 4.x writes eos_token_id[0] after a finished hypothesis, whichever eos ended it.
-            results.append(GeneratedSequence(token_ids=tokens + [eos_ids[0]], finish_reason="stop"))
-        else:
-            results.append(GeneratedSequence(token_ids=tokens, finish_reason="length"))
+    for b in range(batch):
+        # BeamSearchScorer.finalize.
+        for g in range(num_groups):
+            if done[b][g]:
+                continue
+            for i in range(b * num_beams + g * group_size, b * num_beams + (g + 1) * group_size):
+                tokens = input_ids[i].tolist()[prompt_len:]
+                hyps[b][g].add(
+                    tokens,
+                    float(beam_scores[i].item()),
+                    generated_len=len(tokens),
+                    eos=False,
+                    logprobs=token_logprobs[i],
+                )
+        candidates = [beam for h in hyps[b] for beam in h.beams]
+        ranked = sorted(candidates, key=lambda x: x[0])
+        sequences = []
+        for _ in range(n_return):
+            score, tokens, ended_by_eos, logprobs = ranked.pop()
+            if ended_by_eos:
+                # 4.x writes eos_token_id[0] after a finished hypothesis, whichever eos
+                # ended it (the log-probability is the one of the eos that did).
+                sequences.append(
+                    GeneratedSequence(
+                        token_ids=tokens + [eos_ids[0]],
+                        finish_reason="stop",
+                        logprobs=logprobs,
+                        sequence_score=score,
+                    )
+                )
+            else:
+                sequences.append(
+                    GeneratedSequence(
+                        token_ids=tokens,
+                        finish_reason="length",
+                        logprobs=logprobs,
+                        sequence_score=score,
+                    )
+                )
+        results.append(sequences)
     return results

@@ -8,20 +8,24 @@ models whose architecture vLLM does not support (``KAITO_BACKEND=auto``).
   (``GenerationRequest.transformers_kwargs``), so transformers' rules apply by
   construction; group beam search, which transformers 5 no longer has in core, runs our
   4.x-semantics loop (engines/group_beam.py).
-- One request at a time, in a single worker thread, so the event loop keeps serving and
-  requests are served first come, first served (the executor's queue is FIFO). Running
-  requests one by one also keeps each result identical to a lone ``generate`` call
-  (batching pads and changes the floating-point sums).
-- A request whose client goes away leaves the queue (its future is cancelled before it
-  starts); a running one stops at the next step through a stopping criterion.
+- One worker thread, so the event loop keeps serving; requests start first come, first
+  served. When the worker is free it takes the oldest waiting request and, if it is a
+  beam search without sampling, every other waiting request with the same settings
+  (``batch_key``), up to ``KAITO_HF_MAX_BATCH``, and runs them as one left-padded batch
+  (tests/integration/test_hf_batching.py checks that each result equals the request's
+  lone result token for token). Other requests (sampling, greedy, beam sampling, stop
+  strings) run alone: sampling draws from one generator, so a batch would change them.
+- A request whose client goes away leaves the queue; a running one stops at the next
+  step through a stopping criterion once every request of its batch is gone.
 - torch and transformers are imported only here, when the model loads.
 """
 
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app.engines.base import (
@@ -37,12 +41,82 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: GenerationRequest
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Settled from the worker thread (loop.call_soon_threadsafe).
+    future: "asyncio.Future[list[GeneratedSequence]]"
+    loop: asyncio.AbstractEventLoop
     started: bool = False
     cancelled: bool = False
+
+    def settle(self, result: list[GeneratedSequence] | BaseException) -> None:
+        def _set() -> None:
+            if self.future.done():
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+# generate kwargs whose effect does not depend on where a row's prompt starts, so a
+# left-padded row behaves as the lone prompt: lengths count from the padded prompt's end,
+# eos / pad ids, the beam rules, and the sampling warpers (batched requests never sample,
+# and transformers ignores warpers without sampling). Any other setting (repetition
+# penalty, n-gram bans, bad words, ...) reads the row's tokens, pads included, so when it
+# is not neutral the request batches only with prompts of the same length (no padding).
+_POSITION_FREE = frozenset(
+    {
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "length_penalty",
+        "early_stopping",
+        "num_return_sequences",
+        "max_new_tokens",
+        "min_new_tokens",
+        "eos_token_id",
+        "pad_token_id",
+        "do_sample",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "min_p",
+        "epsilon_cutoff",
+        "eta_cutoff",
+    }
+)
+# Values with which a prompt-reading setting does nothing (transformers adds no processor).
+_NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+}
+
+
+def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """Which waiting requests may run in one batch with this one: those with an equal key.
+
+    None (never batched): no beams, beam sampling (a batch would draw the random numbers
+    in another order), stop strings (not checked batched). Otherwise every generate
+    setting, with the prompt's length added when a setting reads the prompt's tokens.
+    """
+    beam = request.beam
+    kwargs = request.transformers_kwargs
+    if beam is None or beam.do_sample or kwargs.get("do_sample") or kwargs.get("stop_strings"):
+        return None
+    settings = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    reads_prompt = any(
+        k not in _POSITION_FREE and (k not in _NEUTRAL or v != _NEUTRAL[k])
+        for k, v in kwargs.items()
+    )
+    return (settings, len(request.prompt_token_ids) if reads_prompt else None)
 
 
 def _torch_dtype(settings: Settings, on_gpu: bool) -> Any:
@@ -89,10 +163,13 @@ class HFEngine(LoadedModel):
         self._settings = settings
         self._model: Any = None
         self._device = "cpu"
-        # One worker: generation is serial and FIFO.
+        # One worker: one batch at a time, started in arrival order of its oldest request.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
         self._load_lock: asyncio.Lock | None = None
         self._jobs: dict[str, _Job] = {}
+        # Waiting requests, oldest first; the lock also guards each job's flags.
+        self._waiting: list[_Job] = []
+        self._queue_lock = threading.Lock()
         self._failed: str | None = None
 
     @property
@@ -147,21 +224,28 @@ class HFEngine(LoadedModel):
         return self._model is not None
 
     def _cancel(self, job: _Job) -> None:
-        with job.lock:
+        with self._queue_lock:
             if job.cancelled:
                 return
             job.cancelled = True
             if not job.started:
+                self._waiting.remove(job)
                 HF_QUEUE_DEPTH.dec()
+                job.settle([])
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         await self.ensure_loaded()
-        job = _Job(request)
-        self._jobs[request.request_id] = job
-        HF_QUEUE_DEPTH.inc()
         loop = asyncio.get_running_loop()
+        job = _Job(request, loop.create_future(), loop)
+        self._jobs[request.request_id] = job
+        with self._queue_lock:
+            self._waiting.append(job)
+            HF_QUEUE_DEPTH.inc()
+        # One turn of the worker per request: a turn runs the oldest waiting request and
+        # whatever batches with it, so there are always at least as many turns as batches.
+        self._executor.submit(self._run_next)
         try:
-            sequences = await loop.run_in_executor(self._executor, self._run, job)
+            sequences = await job.future
         except asyncio.CancelledError:
             # The awaiting task was cancelled (client gone): a queued job leaves the
             # queue, a running one stops at its next step.
@@ -178,33 +262,71 @@ class HFEngine(LoadedModel):
 
     # --- the worker thread ---
 
-    def _run(self, job: _Job) -> list[GeneratedSequence]:
-        with job.lock:
-            if job.cancelled:
+    def _take_batch(self) -> list[_Job]:
+        """The oldest waiting request and the waiting ones that batch with it."""
+        with self._queue_lock:
+            if not self._waiting:
                 return []
-            job.started = True
-            HF_QUEUE_DEPTH.dec()
-        HF_RUNNING.inc()
+            head = self._waiting[0]
+            key = batch_key(head.request)
+            batch = [head]
+            if key is not None:
+                for job in self._waiting[1:]:
+                    if len(batch) >= self._settings.hf_max_batch:
+                        break
+                    if batch_key(job.request) == key:
+                        batch.append(job)
+            for job in batch:
+                self._waiting.remove(job)
+                job.started = True
+            HF_QUEUE_DEPTH.dec(len(batch))
+        return batch
+
+    def _run_next(self) -> None:
+        jobs = self._take_batch()
+        if not jobs:
+            return
+        HF_RUNNING.inc(len(jobs))
         try:
-            return self._generate(job)
+            results = [self._generate(jobs[0])] if len(jobs) == 1 else self._generate_batch(jobs)
+        except BaseException as exc:
+            for job in jobs:
+                job.settle(exc)
+            return
         finally:
-            HF_RUNNING.dec()
+            HF_RUNNING.dec(len(jobs))
+        for job, sequences in zip(jobs, results, strict=True):
+            job.settle([] if job.cancelled else sequences)
 
     def _generate(self, job: _Job) -> list[GeneratedSequence]:
+        return self._generate_batch([job])[0]
+
+    def _generate_batch(self, jobs: list[_Job]) -> list[list[GeneratedSequence]]:
+        """Runs requests that share ``batch_key`` (or one request) as one batch."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        request = job.request
+        request = jobs[0].request
         kwargs = dict(request.transformers_kwargs)
         if not kwargs:
             raise ValueError("the transformers backend needs GenerationRequest.transformers_kwargs")
+        prompts = [job.request.prompt_token_ids for job in jobs]
+        want_scores = [job.request.sampling.logprobs is not None for job in jobs]
+
+        def all_cancelled() -> bool:
+            return all(job.cancelled for job in jobs)
+
         beam = request.beam
         if beam is not None and beam.is_group:
-            from app.engines.group_beam import group_beam_search
+            from app.engines.group_beam import group_beam_search_batch
 
-            return group_beam_search(
-                self._model, request.prompt_token_ids, kwargs, should_stop=lambda: job.cancelled
+            grouped = group_beam_search_batch(
+                self._model, prompts, kwargs, should_stop=all_cancelled
             )
+            return [
+                rows if wants else [_without_scores(s) for s in rows]
+                for rows, wants in zip(grouped, want_scores, strict=True)
+            ]
         # Neutral group values only matter to group beam search (transformers 5 refuses
         # num_beam_groups > 1 without the hub).
         if kwargs.get("num_beam_groups") == 1:
@@ -214,40 +336,94 @@ class HFEngine(LoadedModel):
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
-                done = job.cancelled
                 return torch.full(
-                    (input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device
+                    (input_ids.shape[0],),
+                    all_cancelled(),
+                    dtype=torch.bool,
+                    device=input_ids.device,
                 )
 
         extra: dict[str, Any] = {}
         if kwargs.get("stop_strings"):
             extra["tokenizer"] = self._tokenizer
         is_beam = beam is not None
-        ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self._device)
+        scores = is_beam and any(want_scores)
+        ids, mask = left_padded(prompts, _pad_id(kwargs), self._device)
         with torch.inference_mode():
             out = self._model.generate(
                 ids,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
                 stopping_criteria=StoppingCriteriaList([_Cancelled()]),
                 return_dict_in_generate=True,
-                output_scores=False,
+                output_scores=scores,
                 **extra,
                 **kwargs,
             )
-        prompt_len = ids.shape[-1]
-        rows = out.sequences[:, prompt_len:].tolist()
-        lengths: list[int | None] = [None] * len(rows)
-        if is_beam and getattr(out, "beam_indices", None) is not None:
-            # -1 marks steps a returned beam did not take.
-            lengths = [int(n) for n in (out.beam_indices >= 0).sum(dim=-1).tolist()]
+            prompt_len = ids.shape[-1]
+            rows = out.sequences[:, prompt_len:].tolist()
+            lengths: list[int | None] = [None] * len(rows)
+            beam_indices = getattr(out, "beam_indices", None) if is_beam else None
+            if beam_indices is not None:
+                # -1 marks steps a returned beam did not take.
+                lengths = [int(n) for n in (beam_indices >= 0).sum(dim=-1).tolist()]
+            token_logprobs: list[list[float]] | None = None
+            sequence_scores: list[float] | None = None
+            if scores and beam_indices is not None:
+                # transformers' recipe for beams: the processed log-probability of each
+                # token on the beam that produced it (normalize_logits=False: beam
+                # search's scores are log-softmax already).
+                transition = self._model.compute_transition_scores(
+                    out.sequences, out.scores, beam_indices, normalize_logits=False
+                )
+                token_logprobs = transition.tolist()
+                sequence_scores = out.sequences_scores.tolist()
         eos_ids = frozenset(kwargs.get("eos_token_id") or [])
         pad = kwargs.get("pad_token_id")
         max_new = int(kwargs["max_new_tokens"])
-        sequences = []
-        for row, length in zip(rows, lengths, strict=True):
-            tokens = trim_generated(row, eos_ids, pad, length)
-            finished = bool(tokens) and (tokens[-1] in eos_ids or len(tokens) < max_new)
-            sequences.append(
-                GeneratedSequence(token_ids=tokens, finish_reason="stop" if finished else "length")
-            )
-        return sequences
+        per_prompt = len(rows) // len(jobs)
+        per_request: list[list[GeneratedSequence]] = []
+        for j, wants in enumerate(want_scores):
+            sequences = []
+            for r in range(j * per_prompt, (j + 1) * per_prompt):
+                tokens = trim_generated(rows[r], eos_ids, pad, lengths[r])
+                finished = bool(tokens) and (tokens[-1] in eos_ids or len(tokens) < max_new)
+                sequence = GeneratedSequence(
+                    token_ids=tokens, finish_reason="stop" if finished else "length"
+                )
+                if wants and token_logprobs is not None and sequence_scores is not None:
+                    sequence = GeneratedSequence(
+                        token_ids=tokens,
+                        finish_reason=sequence.finish_reason,
+                        logprobs=token_logprobs[r][: len(tokens)],
+                        sequence_score=sequence_scores[r],
+                    )
+                sequences.append(sequence)
+            per_request.append(sequences)
+        return per_request
+
+
+def _pad_id(kwargs: Mapping[str, Any]) -> int:
+    pad = kwargs.get("pad_token_id")
+    if pad is not None:
+        return int(pad)
+    eos = kwargs.get("eos_token_id") or [0]
+    return int(eos[0])
+
+
+def _without_scores(sequence: GeneratedSequence) -> GeneratedSequence:
+    return GeneratedSequence(token_ids=sequence.token_ids, finish_reason=sequence.finish_reason)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """Prompts as one left-padded batch and its attention mask (all ones without padding,
+    so a lone prompt is exactly the call it always was)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor(
+        [[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device
+    )
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device
+    )
+    return ids, mask

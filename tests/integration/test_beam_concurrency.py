@@ -101,9 +101,14 @@ def test_transformers_queue_metrics_and_counts(server_url):
                     *(
                         http.post(
                             server_url + "/chat",
-                            json={"prompt": p, "generate_kwargs": GROUP, "return_full_text": False},
+                            # Settings differ, so the backend does not batch them: they queue.
+                            json={
+                                "prompt": p,
+                                "generate_kwargs": {**GROUP, "max_new_tokens": 8 + i},
+                                "return_full_text": False,
+                            },
                         )
-                        for p in PROMPTS[:3]
+                        for i, p in enumerate(PROMPTS[:3])
                     )
                 )
             finally:
