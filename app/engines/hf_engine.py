@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.adapters import NO_ADAPTERS, ServedAdapters, active_adapter, load_into_peft
 from app.engines.base import (
     EngineDeadError,
     GeneratedSequence,
@@ -84,6 +85,8 @@ def trim_generated(
 
 class HFEngine(LoadedModel):
     name = "hf"
+    # Set by the dispatcher before the model loads (engines/dispatch.py).
+    adapters: ServedAdapters = NO_ADAPTERS
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -116,7 +119,8 @@ class HFEngine(LoadedModel):
         self._model_loaded(
             tokenizer, int(config.vocab_size), min(s.max_model_len or context, context)
         )
-        self._model = model
+        # With LoRA adapters, a PEFT model holding each one and the combined default.
+        self._model = load_into_peft(model, self.adapters)
 
     async def ensure_loaded(self) -> None:
         """Loads the model on first use (seconds for small models, in a thread)."""
@@ -186,7 +190,8 @@ class HFEngine(LoadedModel):
             HF_QUEUE_DEPTH.dec()
         HF_RUNNING.inc()
         try:
-            return self._generate(job)
+            with active_adapter(self._model, job.request.adapter):
+                return self._generate(job)
         finally:
             HF_RUNNING.dec()
 

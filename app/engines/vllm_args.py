@@ -36,6 +36,10 @@ SETTING_FOR = {
     "enforce_eager": "KAITO_ENFORCE_EAGER (--enforce-eager)",
     "attention_backend": "KAITO_ATTENTION_BACKEND (--attention-backend)",
     "otlp_traces_endpoint": "KAITO_OTLP_TRACES_ENDPOINT (--otlp-traces-endpoint)",
+    # Sized from the adapters found there (app/adapters.py).
+    "enable_lora": "KAITO_ADAPTERS_DIR (--adapters-dir)",
+    "max_lora_rank": "KAITO_ADAPTERS_DIR (--adapters-dir)",
+    "max_loras": "KAITO_ADAPTERS_DIR (--adapters-dir)",
 }
 
 # Engine arguments the server sets itself, and why a different value would break it.

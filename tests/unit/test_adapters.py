@@ -144,3 +144,25 @@ def test_requests_select_an_adapter_by_model(tmp_path: Path) -> None:
     assert [s.lora_id(n) for n in ("a", "b", "combined-0123")] == [1, 2, 3]
     assert s.max_lora_rank() == 32
     assert not NO_ADAPTERS
+
+
+def test_vllm_gets_lora_arguments_only_with_adapters(tmp_path: Path) -> None:
+    from app.engines.vllm_engine import VLLMEngine, lora_engine_args
+    from app.settings import Settings
+
+    assert lora_engine_args(NO_ADAPTERS) == {}
+    plain = VLLMEngine(Settings()).engine_args(on_gpu=False)
+    assert not {"enable_lora", "max_lora_rank", "max_loras"} & set(plain)
+    make_adapter(tmp_path, "a", r=8)
+    make_adapter(tmp_path, "b", r=24)
+    engine = VLLMEngine(Settings())
+    engine.adapters = served(tmp_path)  # cat: the combination's rank is 32
+    args = engine.engine_args(on_gpu=False)
+    assert (args["enable_lora"], args["max_lora_rank"], args["max_loras"]) == (True, 32, 3)
+
+
+def test_engine_args_may_not_set_what_the_adapters_decide() -> None:
+    from app.engines.vllm_args import EngineArgsError, check_engine_args
+
+    with pytest.raises(EngineArgsError, match="KAITO_ADAPTERS_DIR"):
+        check_engine_args({"max_loras": 4}, on_gpu=False, adapters={})
