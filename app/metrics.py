@@ -20,8 +20,12 @@ REQUEST_LATENCY = Histogram(
     ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
+# adapter: the LoRA adapter's name (app/adapters.py), empty for the base model; Prometheus
+# drops an empty label, so base-model series read as they did before adapters existed.
 BACKEND_REQUESTS = Counter(
-    "kaito_backend_requests", "Generation requests by the path that served them.", ["backend"]
+    "kaito_backend_requests",
+    "Generation requests by the path that served them and the LoRA adapter they used.",
+    ["backend", "adapter"],
 )
 # The transformers backend runs one batch at a time (beam requests with equal settings
 # batch together), started first come, first served.

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.adapters import NO_ADAPTERS
 from app.auth import require_api_key
 from app.errors import HTTPError
 from app.metrics import BACKEND_REQUESTS
@@ -92,6 +93,13 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _adapter_label(request: Request, body: dict[str, Any]) -> str:
+    """The metrics label of the LoRA adapter a /v1 request used ("" for the base)."""
+    adapters = getattr(request.app.state.engine, "adapters", NO_ADAPTERS)
+    model = body.get("model")
+    return model if isinstance(model, str) and model in adapters.paths() else ""
+
+
 def _reply(result: Any) -> Response:
     status, content = result
     return JSONResponse(content, status_code=status)
@@ -117,7 +125,8 @@ async def _generate(
                 return Response(status_code=499)  # the client is gone
             reply = _reply(result)
         if reply.status_code == 200:
-            BACKEND_REQUESTS.labels("vllm").inc()  # /v1 runs on the vLLM engine only
+            # /v1 runs on the vLLM engine only; ``model`` names the adapter, as in vLLM.
+            BACKEND_REQUESTS.labels("vllm", _adapter_label(request, body)).inc()
         return reply
     except Exception as exc:
         return _error_response(exc)

@@ -137,6 +137,13 @@ class ChatRequest(BaseModel):
             "(docs/STREAMING.md)."
         ),
     )
+    model: str | None = Field(
+        None,
+        description="Which LoRA adapter to run with (docs/ADAPTERS.md): an adapter's name "
+        "runs that adapter alone, the base model's served name runs no adapter; absent: "
+        "the default, Kaito's combination of every adapter (the base model when there are "
+        "none). An unknown name is a 404.",
+    )
     stream: bool | None = Field(
         False,
         description=(

@@ -93,6 +93,7 @@ def create_app(
         Limits(max_num_return_sequences=settings.max_num_return_sequences),
         max_num_beams=settings.max_num_beams,
         chat_template=load_chat_template(settings.chat_template),
+        base_model_name=settings.model_name,
     )
     register_error_handlers(app)
     app.include_router(router)

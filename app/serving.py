@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app import text_codec, tracing
+from app.adapters import NO_ADAPTERS, UnknownModel, select_adapter
 from app.chat_template import build_chat_prompt
 from app.engines.base import Engine, GeneratedSequence, GenerationRequest, Tokenizer
 from app.errors import HTTPError
@@ -69,8 +70,11 @@ class ChatService:
         limits: Limits | None = None,
         max_num_beams: int = DEFAULT_MAX_NUM_BEAMS,
         chat_template: str | None = None,
+        base_model_name: str | None = None,
     ) -> None:
         self.engine = engine
+        # The name a request's ``model`` gives to ask for the base model, no adapter.
+        self.base_model_name = base_model_name
         self.limits = limits or Limits()
         self.max_num_beams = max_num_beams
         # KAITO_CHAT_TEMPLATE's text; None: the tokenizer's own template.
@@ -115,6 +119,7 @@ class ChatService:
             raise HTTPError(400, PROMPT_REQUIRED)
         self._check_ready()
         engine = self.engine
+        adapter = self._adapter(request.model)
         with tracing.span("tokenize"):
             prompt_ids, prefix_tokens = self._prompt_ids(request)
             tracing.set_attributes({"gen_ai.usage.prompt_tokens": len(prompt_ids)})
@@ -141,8 +146,24 @@ class ChatService:
             backend_reason=plan.backend_reason,
             beam=plan.beam,
             transformers_kwargs=plan.transformers_kwargs,
+            adapter=adapter,
         )
         return generation, plan
+
+    def _adapter(self, model: str | None) -> str | None:
+        """The request's LoRA adapter (app/adapters.py select_adapter); 404 for a name
+        the server does not serve, as vLLM's OpenAI server answers an unknown model."""
+        served = getattr(self.engine, "adapters", NO_ADAPTERS)
+        try:
+            return select_adapter(model, served, self.base_model_name or "")
+        except UnknownModel:
+            known = [self.base_model_name, *served.paths()]
+            raise HTTPError(
+                404,
+                f"model {model!r} does not exist: it is neither the base model nor a LoRA "
+                f"adapter of this server (known: {', '.join(repr(k) for k in known if k)})",
+                parameter="model",
+            ) from None
 
     def _reply(
         self,
@@ -195,7 +216,7 @@ class ChatService:
             # The dispatcher says which path served it (vLLM or transformers).
             served_by = result.backend or self.engine.name
             tracing.set_attributes({"kaito.backend": served_by})
-        BACKEND_REQUESTS.labels(served_by).inc()
+        BACKEND_REQUESTS.labels(served_by, generation.adapter or "").inc()
         with tracing.span("decode"):
             return self._reply(request, generation, plan, result.sequences, served_by)
 
@@ -256,7 +277,7 @@ class ChatService:
                     logprobs[i] += got + [math.nan] * (count - len(got))
                 if delta.finish_reason is not None:
                     finish[i] = delta.finish_reason
-        BACKEND_REQUESTS.labels("vllm").inc()  # streams run on vLLM only
+        BACKEND_REQUESTS.labels("vllm", generation.adapter or "").inc()  # streams: vLLM only
         generated = [
             GeneratedSequence(text.token_ids, reason, logprobs[i] if want_scores else None)
             for i, (text, reason) in enumerate(zip(texts, finish, strict=True))

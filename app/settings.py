@@ -151,6 +151,18 @@ class Settings(BaseSettings):
         description="A Jinja chat template file for /chat `messages` and /v1/chat/completions, "
         "used instead of the tokenizer's own (for models that ship none).",
     )
+    adapters_dir: Path = Field(
+        default=Path("/mnt/adapter"),
+        description="LoRA adapters, one per subdirectory holding adapter_config.json (where "
+        "Kaito mounts a Workspace's adapters); each adapter's strength comes from the "
+        "environment variable named after it (default 1.0). Absent: the base model alone "
+        "(docs/ADAPTERS.md).",
+    )
+    adapter_combination: Literal["svd", "linear", "cat"] = Field(
+        default="svd",
+        description="How PEFT's add_weighted_adapter combines the adapters into the default "
+        "adapter of /chat (Kaito's combination_type).",
+    )
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=5000, ge=1, le=65535, description="Port to listen on (Kaito's 5000).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

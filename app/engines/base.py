@@ -24,6 +24,8 @@ class GenerationRequest:
     # terms, for the transformers backend and the beam step loop.
     beam: BeamSpec | None = None
     transformers_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # The LoRA adapter to run with, by name (app/adapters.py); None: the base model.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)

@@ -167,11 +167,15 @@ class BeamSearch:
         return out
 
 
-async def _one_step(llm: "AsyncLLM", prompt: list[int], params: Any, request_id: str) -> Any:
+async def _one_step(
+    llm: "AsyncLLM", prompt: list[int], params: Any, request_id: str, lora_request: Any = None
+) -> Any:
     from vllm.inputs import TokensPrompt
 
     final = None
-    async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id):
+    async for output in llm.generate(
+        TokensPrompt(prompt_token_ids=prompt), params, request_id, lora_request=lora_request
+    ):
         final = output
     return final
 
@@ -181,8 +185,10 @@ async def run_on_vllm(
     request_id: str,
     prompt_token_ids: list[int],
     search: BeamSearch,
+    lora_request: Any = None,
 ) -> list[GeneratedSequence]:
-    """Runs ``search`` to the end on a running AsyncLLM; cancelling aborts every step."""
+    """Runs ``search`` to the end on a running AsyncLLM (with the request's LoRA adapter,
+    if any); cancelling aborts every step."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -201,7 +207,13 @@ async def run_on_vllm(
         try:
             outputs = await asyncio.gather(
                 *(
-                    _one_step(llm, prompt_token_ids + tokens, params, f"{request_id}-s{step}-b{i}")
+                    _one_step(
+                        llm,
+                        prompt_token_ids + tokens,
+                        params,
+                        f"{request_id}-s{step}-b{i}",
+                        lora_request,
+                    )
                     for i, tokens in enumerate(search.beams())
                 )
             )

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
+from app.adapters import NO_ADAPTERS, AdapterError, ServedAdapters, prepare_adapters
 from app.engines.base import (
     Engine,
     GenerationRequest,
@@ -105,6 +106,8 @@ class DispatchEngine:
         self.hf = hf if hf is not None else HFEngine(settings)
         self.vllm: Any = None
         self._primary: Any = None
+        # The LoRA adapters both backends serve (app/adapters.py), found at start.
+        self.adapters: ServedAdapters = NO_ADAPTERS
 
     # --- what the HTTP layer sees: the primary engine's ---
 
@@ -130,6 +133,17 @@ class DispatchEngine:
         return self._primary is not None and self._primary.is_ready()
 
     async def start(self) -> None:
+        s = self._settings
+        # Before any engine: a bad adapter stops start-up before minutes of loading.
+        try:
+            self.adapters = await asyncio.to_thread(
+                prepare_adapters, s.adapters_dir, s.adapter_combination, s.model, s.model_name
+            )
+        except AdapterError as exc:
+            from app.distributed import StartupError
+
+            raise StartupError(str(exc)) from exc
+        self.hf.adapters = self.adapters
         mode = self._settings.backend
         if mode == "auto":
             use_vllm = await asyncio.to_thread(self._supports, self._settings.model)
@@ -148,6 +162,7 @@ class DispatchEngine:
 
                 self._vllm_factory = VLLMEngine
             self.vllm = self._vllm_factory(self._settings)
+            self.vllm.adapters = self.adapters
             await self.vllm.start()
             self._primary = self.vllm
             if self._settings.hf_preload:
@@ -216,7 +231,11 @@ class DispatchEngine:
 
                 raise EngineDeadError("the vLLM engine is not running")
             sequences = await run_on_vllm(
-                llm, request.request_id, request.prompt_token_ids, self._beam_search(request)
+                llm,
+                request.request_id,
+                request.prompt_token_ids,
+                self._beam_search(request),
+                self.vllm.lora_request(request.adapter),
             )
             return GenerationResult(sequences=sequences, backend=VLLM)
         result = await self.vllm.generate(request)

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from app.adapters import NO_ADAPTERS, ServedAdapters, active_adapter, load_into_peft
 from app.engines.base import (
     EngineDeadError,
     GeneratedSequence,
@@ -104,8 +105,9 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
     """Which waiting requests may run in one batch with this one: those with an equal key.
 
     None (never batched): no beams, beam sampling (a batch would draw the random numbers
-    in another order), stop strings (not checked batched). Otherwise every generate
-    setting, with the prompt's length added when a setting reads the prompt's tokens.
+    in another order), stop strings (not checked batched). Otherwise the adapter (one is
+    active per batch) and every generate setting, with the prompt's length added when a
+    setting reads the prompt's tokens.
     """
     beam = request.beam
     kwargs = request.transformers_kwargs
@@ -116,7 +118,8 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
         k not in _POSITION_FREE and (k not in _NEUTRAL or v != _NEUTRAL[k])
         for k, v in kwargs.items()
     )
-    return (settings, len(request.prompt_token_ids) if reads_prompt else None)
+    prompt_len = len(request.prompt_token_ids) if reads_prompt else None
+    return (request.adapter, settings, prompt_len)
 
 
 def _torch_dtype(settings: Settings, on_gpu: bool) -> Any:
@@ -158,6 +161,8 @@ def trim_generated(
 
 class HFEngine(LoadedModel):
     name = "hf"
+    # Set by the dispatcher before the model loads (engines/dispatch.py).
+    adapters: ServedAdapters = NO_ADAPTERS
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -193,7 +198,8 @@ class HFEngine(LoadedModel):
         self._model_loaded(
             tokenizer, int(config.vocab_size), min(s.max_model_len or context, context)
         )
-        self._model = model
+        # With LoRA adapters, a PEFT model holding each one and the combined default.
+        self._model = load_into_peft(model, self.adapters)
 
     async def ensure_loaded(self) -> None:
         """Loads the model on first use (seconds for small models, in a thread)."""
@@ -288,7 +294,11 @@ class HFEngine(LoadedModel):
             return
         HF_RUNNING.inc(len(jobs))
         try:
-            results = [self._generate(jobs[0])] if len(jobs) == 1 else self._generate_batch(jobs)
+            # Requests batch only with requests of the same adapter (batch_key).
+            with active_adapter(self._model, jobs[0].request.adapter):
+                results = (
+                    [self._generate(jobs[0])] if len(jobs) == 1 else self._generate_batch(jobs)
+                )
         except BaseException as exc:
             for job in jobs:
                 job.settle(exc)

@@ -39,6 +39,10 @@ SETTING_FOR = {
     # raw_logprobs without scores, processed_logprobs with them; the logits modes would
     # break both the scores and the beam step loop, which read log-probabilities.
     "logprobs_mode": "KAITO_OUTPUT_SCORES (--output-scores)",
+    # Sized from the adapters found there (app/adapters.py).
+    "enable_lora": "KAITO_ADAPTERS_DIR (--adapters-dir)",
+    "max_lora_rank": "KAITO_ADAPTERS_DIR (--adapters-dir)",
+    "max_loras": "KAITO_ADAPTERS_DIR (--adapters-dir)",
 }
 
 # Engine arguments the server sets itself, and why a different value would break it.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import tracing
+from app.adapters import NO_ADAPTERS, ServedAdapters
 from app.distributed import StartupError, check_parallel_layout, wait_for_ray_cluster
 from app.engines.base import (
     EngineDeadError,
@@ -31,6 +32,7 @@ from param_mapping import ParameterError, SamplingSpec
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
@@ -253,8 +255,24 @@ def _chosen_logprobs(completion: Any) -> list[float] | None:
     return out
 
 
+def lora_engine_args(adapters: ServedAdapters) -> dict[str, Any]:
+    """vLLM's multi-LoRA arguments for the served adapters; none without adapters (the
+    engine then starts exactly as before: LoRA costs speed, and on CPU it turns
+    torch.compile off)."""
+    if not adapters:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_lora_rank": adapters.max_lora_rank(),
+        # Every adapter and the combined default may run in one batch.
+        "max_loras": len(adapters.paths()),
+    }
+
+
 class VLLMEngine(LoadedModel):
     name = "vllm"
+    # Set by the dispatcher before start (engines/dispatch.py).
+    adapters: ServedAdapters = NO_ADAPTERS
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -287,7 +305,11 @@ class VLLMEngine(LoadedModel):
             # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
             # trace whose headers generate() receives (app/tracing.py). None: off.
             "otlp_traces_endpoint": s.otlp_traces_endpoint,
-        } | s.engine_args_overrides
+        } | self._lora_args_and_overrides()
+
+    def _lora_args_and_overrides(self) -> dict[str, Any]:
+        # The adapters' LoRA arguments, then KAITO_ENGINE_ARGS (which may not set them).
+        return lora_engine_args(self.adapters) | self._settings.engine_args_overrides
 
     async def start(self) -> None:
         on_gpu = self._settings.device == "cuda" or (
@@ -351,6 +373,18 @@ class VLLMEngine(LoadedModel):
             raise ParameterError(f"generate_kwargs.{exc.parameter or 'unknown'}", str(exc)) from exc
         return engine_input
 
+    def lora_request(self, adapter: str | None) -> "LoRARequest | None":
+        """The engine's LoRARequest for an adapter name (None: the base model)."""
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(
+            lora_name=adapter,
+            lora_int_id=self.adapters.lora_id(adapter),
+            lora_path=str(self.adapters.paths()[adapter]),
+        )
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
@@ -364,6 +398,7 @@ class VLLMEngine(LoadedModel):
                 self._render(request.prompt_token_ids),
                 to_sampling_params(request.sampling, vllm_eos_ids=self._eos_ids),
                 request.request_id,
+                lora_request=self.lora_request(request.adapter),
                 trace_headers=tracing.trace_headers(),
             ):
                 final = output
@@ -400,6 +435,7 @@ class VLLMEngine(LoadedModel):
             self._render(request.prompt_token_ids),
             to_sampling_params(request.sampling, stream=True, vllm_eos_ids=self._eos_ids),
             request.request_id,
+            lora_request=self.lora_request(request.adapter),
             trace_headers=tracing.trace_headers(),
         )
         try:
@@ -429,7 +465,9 @@ class VLLMEngine(LoadedModel):
 
             async with self._openai_lock:
                 if self._openai is None:
-                    self._openai = await VLLMOpenAIServer.create(self._llm, self._settings)
+                    self._openai = await VLLMOpenAIServer.create(
+                        self._llm, self._settings, self.adapters
+                    )
         return self._openai
 
     async def abort(self, request_id: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app import tracing
+from app.adapters import NO_ADAPTERS, ServedAdapters
 from app.settings import Settings
 from param_mapping import ParameterError
 
@@ -26,14 +27,22 @@ log = logging.getLogger(__name__)
 Reply = tuple[int, dict[str, Any]] | AsyncIterator[str]
 
 
-def vllm_server_args(settings: Settings) -> argparse.Namespace:
-    """vLLM api_server's arguments with their defaults, for our model and chat template."""
+def vllm_server_args(
+    settings: Settings, adapters: ServedAdapters = NO_ADAPTERS
+) -> argparse.Namespace:
+    """vLLM api_server's arguments with their defaults, for our model and chat template,
+    and each adapter as a LoRA module that requests select by ``model`` (Kaito's vLLM
+    runtime registers them the same way; the combined default is /chat's own)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = ["--model", settings.model, "--served-model-name", settings.model_name]
     if settings.chat_template:
         argv += ["--chat-template", settings.chat_template]
+    if adapters:
+        # In name order: vLLM numbers them 1..N as ServedAdapters.lora_id does, so /v1
+        # and /chat share the engine's adapter slots.
+        argv += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters.adapters)]
     return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
 
 
@@ -44,13 +53,15 @@ class VLLMOpenAIServer:
         self._models = state.openai_serving_models
 
     @classmethod
-    async def create(cls, llm: Any, settings: Settings) -> "VLLMOpenAIServer":
+    async def create(
+        cls, llm: Any, settings: Settings, adapters: ServedAdapters = NO_ADAPTERS
+    ) -> "VLLMOpenAIServer":
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         state = State()
         tasks = await llm.get_supported_tasks()
-        await init_app_state(llm, state, vllm_server_args(settings), tasks)
+        await init_app_state(llm, state, vllm_server_args(settings, adapters), tasks)
         return cls(state)
 
     async def models(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ fake that records each batch and blocks until the test releases it; that results
 one-by-one ones is tests/integration/test_hf_batching.py's job (real model)."""
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -97,6 +98,8 @@ def test_batch_key_equal_settings_batch_and_anything_else_does_not():
     assert batch_key(a) != batch_key(beam_request("c", [4, 5], num_beams=3))
     assert batch_key(a) != batch_key(beam_request("d", [4, 5], length_penalty=2.0))
     assert batch_key(a) != batch_key(beam_request("e", [4, 5], num_return_sequences=2))
+    # One adapter is active per batch: requests of another adapter wait for their own.
+    assert batch_key(a) != batch_key(dataclasses.replace(a, adapter="beta"))
     # Not batched: no beams, beam sampling, stop strings.
     assert batch_key(plain_request("f")) is None
     assert batch_key(beam_request("g", [1], do_sample=True)) is None
