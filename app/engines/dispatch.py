@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 HF = "hf"
 VLLM = "vllm"
+# The beam loop scores candidates with the engine's log-probs: log-probs of the model's
+# distribution (raw, or processed, which equal raw for a greedy request nothing else
+# processes). An engine that returns logits instead sends beams to transformers.
+BEAM_LOGPROBS_MODES = frozenset({"raw_logprobs", "processed_logprobs"})
 
 
 def model_architectures(model: str) -> list[str] | None:
@@ -175,8 +179,15 @@ class DispatchEngine:
                 return HF
             if self._beam_search(request).logprobs_needed > self._max_logprobs():
                 return HF
+            if self._logprobs_mode() not in BEAM_LOGPROBS_MODES:
+                return HF
             return "vllm-beam"
         return VLLM
+
+    def _logprobs_mode(self) -> str:
+        llm = getattr(self.vllm, "_llm", None)
+        config = getattr(llm, "model_config", None)
+        return str(getattr(config, "logprobs_mode", "processed_logprobs"))
 
     def _max_logprobs(self) -> int:
         llm = getattr(self.vllm, "_llm", None)
