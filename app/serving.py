@@ -42,7 +42,10 @@ def _scores(tokenizer: Tokenizer, prompt_ids: list[int], seq: GeneratedSequence)
     ]
     logprobs += [None] * (len(seq.token_ids) - len(logprobs))
     texts = token_texts(tokenizer, prompt_ids, seq.token_ids)
-    total = None if None in logprobs else sum(lp for lp in logprobs if lp is not None)
+    if seq.sequence_score is not None:
+        total: float | None = seq.sequence_score
+    else:
+        total = None if None in logprobs else sum(lp for lp in logprobs if lp is not None)
     return {
         "tokens": [
             TokenScore(id=token, text=text, logprob=lp)

@@ -33,6 +33,10 @@ class GeneratedSequence:
     # Each token's log-probability under the processed distribution, when the request
     # asked for scores (SamplingSpec.logprobs); None otherwise.
     logprobs: list[float] | None = None
+    # The search's own score of the sequence where it defines one (beam search:
+    # transformers' sequences_scores, sum of log-probs / length ** length_penalty); None:
+    # the reply sums the log-probs.
+    sequence_score: float | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,10 @@ _NEG = _F32(-1.0e9)
 class _Beam:
     tokens: list[int]
     score: np.float32
+    # Each token's log-prob where it was chosen: transformers' transition scores
+    # (compute_transition_scores with beam_indices; its beam search stores the
+    # processed log-probs, log_softmax first).
+    logprobs: list[float]
 
 
 class BeamSearch:
@@ -78,7 +82,7 @@ class BeamSearch:
         self.cur_len = prompt_len
         # transformers starts with num_beams copies of the prompt, all but the first at
         # -1e9, so the first step only expands one of them.
-        self.running: list[_Beam] = [_Beam([], _F32(0.0))]
+        self.running: list[_Beam] = [_Beam([], _F32(0.0), [])]
         # Finished hypotheses, best first, at most num_beams (transformers' "slots").
         self.finished: list[_Beam] = []
         self._heuristic_unsatisfied = True
@@ -112,18 +116,18 @@ class BeamSearch:
 
         # a-c. Accumulated scores, best K over all beams (ties: lower beam, lower token,
         # the order of torch.topk over the flattened beam x vocab scores).
-        candidates: list[tuple[np.float32, int, int]] = []
+        candidates: list[tuple[np.float32, int, int, float]] = []
         for b, (beam, pairs) in enumerate(zip(self.running, top_logprobs, strict=True)):
             for token, logprob in pairs:
                 if ban_eos and token in self.eos:
                     continue
-                candidates.append((_F32(beam.score + _F32(logprob)), b, int(token)))
+                candidates.append((_F32(beam.score + _F32(logprob)), b, int(token), float(logprob)))
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         topk = candidates[: self.beams_to_keep]
 
         # d. Which candidates hit a stopping criterion (eos, or max_length reached).
         reaches_max = self.cur_len + 1 >= self.max_length
-        hits = [reaches_max or tok in self.eos for _, _, tok in topk]
+        hits = [reaches_max or tok in self.eos for _, _, tok, _ in topk]
 
         # e. The best num_beams unfinished candidates continue (finished ones sink by -1e9).
         order = sorted(
@@ -134,6 +138,7 @@ class BeamSearch:
             _Beam(
                 self.running[topk[i][1]].tokens + [topk[i][2]],
                 _F32(topk[i][0] + _NEG) if hits[i] else topk[i][0],
+                self.running[topk[i][1]].logprobs + [topk[i][3]],
             )
             for i in order[: self.num_beams]
         ]
@@ -146,8 +151,15 @@ class BeamSearch:
             merged = list(self.finished)
             for i in range(min(self.num_beams, len(topk))):
                 if hits[i]:
-                    score, b, tok = topk[i]
-                    merged.append(_Beam(self.running[b].tokens + [tok], _F32(score / denominator)))
+                    score, b, tok, logprob = topk[i]
+                    parent = self.running[b]
+                    merged.append(
+                        _Beam(
+                            parent.tokens + [tok],
+                            _F32(score / denominator),
+                            parent.logprobs + [logprob],
+                        )
+                    )
             # A stable sort keeps older hypotheses first on ties, as topk over
             # cat(old, new) tends to.
             merged.sort(key=lambda h: -h.score)
@@ -175,7 +187,15 @@ class BeamSearch:
         out = []
         for hyp in self.finished[: self.spec.num_return_sequences]:
             reason = "stop" if hyp.tokens and hyp.tokens[-1] in self.eos else "length"
-            out.append(GeneratedSequence(token_ids=list(hyp.tokens), finish_reason=reason))
+            out.append(
+                GeneratedSequence(
+                    token_ids=list(hyp.tokens),
+                    finish_reason=reason,
+                    logprobs=list(hyp.logprobs),
+                    # transformers' sequences_scores: sum of log-probs / length ** penalty.
+                    sequence_score=float(hyp.score),
+                )
+            )
         return out
 
 
