@@ -60,11 +60,11 @@ class BeamServer(OurServer):
 
 def beam_server(args: argparse.Namespace, beam_backend: str, block_size: int) -> OurServer:
     """Our server as bench/systems.py runs it (CPU settings, process group, clean-up),
-    with the server's default KV cache, the beam backend and block size under test."""
+    with the beam backend and block size under test."""
     config = BenchConfig(
         model=args.model,
         enforce_eager=args.enforce_eager,
-        kv_cache_gib=Settings.model_fields["kv_cache_space_gib"].default,
+        kv_cache_gib=args.kv_cache_gib,
         log_dir=Path(args.log_dir),
     )
     server = BeamServer(config)
@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=int(Settings.model_fields["kv_cache_space_gib"].default),
+        help="KV cache per server, whole GiB (1 holds ~23k tokens, plenty for beams)",
+    )
     parser.add_argument("--log-dir", default="/tmp/bench_beam")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args(argv)
