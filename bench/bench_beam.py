@@ -73,6 +73,8 @@ def beam_server(args: argparse.Namespace, beam_backend: str, block_size: int) ->
         "KAITO_BEAM_BACKEND": beam_backend,
         "KAITO_BLOCK_SIZE": str(block_size),
         "KAITO_REQUEST_TIMEOUT_SECONDS": "0",
+        # Our debug lines only: vLLM at debug logs every engine step, which slows it.
+        "VLLM_LOGGING_LEVEL": "WARNING",
     }
     return server
 
