@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # KV block size on CPU when KAITO_BLOCK_SIZE is unset. vLLM's CPU default (128) leaves
 # every prompt shorter than 128 tokens out of the prefix cache, which the beam loop's
-# forks rely on; 32 keeps the CPU kernels on their preferred multiple of 32 (measured in
-# bench/NOTES_beam.md).
+# forks rely on; 32 keeps the CPU kernels on their preferred multiple of 32 (what is and
+# is not measured: bench/NOTES_beam.md).
 CPU_BLOCK_SIZE = 32
 
 
