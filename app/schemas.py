@@ -194,7 +194,8 @@ class Sequence(BaseModel):
         None,
         description="Only with scores: the sum of the tokens' log-probabilities, i.e. the "
         "sequence's log-probability under the processed distributions; null if any "
-        "token's is null.",
+        "token's is null. Beam search: transformers' sequences_scores, that sum divided by "
+        "length ** length_penalty.",
     )
 
 

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Most sequences the engine batches at once; default: vLLM's.",
     )
+    block_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens per KV cache block. Prefix caching reuses whole blocks only, "
+        "so smaller blocks let beam search and shared prompts reuse more. Unset: 32 on CPU "
+        "(vLLM's CPU default, 128, reuses nothing of a prompt shorter than 128 tokens; "
+        "bench/NOTES_beam.md), vLLM's default on a GPU.",
+    )
     kv_cache_space_gib: float = Field(
         default=2.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -93,7 +101,7 @@ class Settings(BaseSettings):
         default=None,
         description="More vLLM engine arguments, merged into the server's: a JSON object, "
         "or the path of a YAML or JSON file holding one (quantization, kv_cache_dtype, "
-        "block_size, enable_prefix_caching, speculative_config, ...). An unknown key, a "
+        "enable_prefix_caching, speculative_config, ...). An unknown key, a "
         "wrong type or a key another setting controls stops start-up (docs/LARGE_MODELS.md).",
     )
     attention_backend: str | None = Field(

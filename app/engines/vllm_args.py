@@ -27,6 +27,7 @@ SETTING_FOR = {
     "dtype": "KAITO_DTYPE (--dtype)",
     "max_model_len": "KAITO_MAX_MODEL_LEN (--max-model-len)",
     "max_num_seqs": "KAITO_MAX_NUM_SEQS (--max-num-seqs)",
+    "block_size": "KAITO_BLOCK_SIZE (--block-size)",
     "gpu_memory_utilization": "KAITO_GPU_MEMORY_UTILIZATION (--gpu-memory-utilization)",
     "tensor_parallel_size": "KAITO_TENSOR_PARALLEL_SIZE (--tensor-parallel-size)",
     "pipeline_parallel_size": "KAITO_PIPELINE_PARALLEL_SIZE (--pipeline-parallel-size)",

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# KV block size on CPU when KAITO_BLOCK_SIZE is unset. vLLM's CPU default (128) leaves
+# every prompt shorter than 128 tokens out of the prefix cache, which the beam loop's
+# forks rely on; 32 keeps the CPU kernels on their preferred multiple of 32 (what is and
+# is not measured: bench/NOTES_beam.md).
+CPU_BLOCK_SIZE = 32
+
 
 def gpu_available() -> bool:
     import torch
@@ -289,6 +295,7 @@ class VLLMEngine(LoadedModel):
             "dtype": s.dtype if (s.dtype != "auto" or on_gpu) else "float32",
             "max_model_len": s.max_model_len,
             "max_num_seqs": s.max_num_seqs,
+            "block_size": s.block_size if s.block_size is not None or on_gpu else CPU_BLOCK_SIZE,
             "gpu_memory_utilization": s.gpu_memory_utilization,
             "tensor_parallel_size": s.tensor_parallel_size,
             "pipeline_parallel_size": s.pipeline_parallel_size,

@@ -50,9 +50,9 @@ def test_engine_args_file_must_hold_an_object(tmp_path):
 
 
 def test_engine_args_merge_into_the_servers():
-    engine = VLLMEngine(Settings(engine_args='{"block_size": 32, "enable_prefix_caching": true}'))
-    args = engine.engine_args(on_gpu=False)
-    assert args["block_size"] == 32 and args["enable_prefix_caching"] is True
+    settings = Settings(engine_args='{"max_num_batched_tokens": 32, "enable_prefix_caching": true}')
+    args = VLLMEngine(settings).engine_args(on_gpu=False)
+    assert args["max_num_batched_tokens"] == 32 and args["enable_prefix_caching"] is True
     assert args["logprobs_mode"] == "raw_logprobs"  # the server's own stay
 
 
@@ -121,7 +121,6 @@ def vllm_fields():
     [
         {"quantization": "fp8"},
         {"kv_cache_dtype": "fp8"},
-        {"block_size": 32},
         {"enable_prefix_caching": True},
         {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}},
         {"max_num_batched_tokens": 4096},
@@ -137,7 +136,8 @@ def test_vllm_engine_arguments_pass(vllm_fields, overrides):
     ("overrides", "message"),
     [
         ({"block_sise": 32}, "'block_sise' is not a vLLM engine argument"),
-        ({"block_size": "32"}, "'block_size' has the wrong type or value '32'"),
+        ({"max_num_batched_tokens": "32"}, "'max_num_batched_tokens' has the wrong type"),
+        ({"block_size": 32}, "controlled by KAITO_BLOCK_SIZE"),
         ({"enable_prefix_caching": "yes"}, "'enable_prefix_caching' has the wrong type"),
         ({"kv_cache_dtype": "fp9"}, "'kv_cache_dtype' has the wrong type or value 'fp9'"),
         ({"speculative_config": "ngram"}, "'speculative_config' has the wrong type"),

@@ -1,0 +1,120 @@
+"""BeamSearch's scores and parents against transformers 5 ``generate`` (tiny float64 model).
+
+- ``results()`` carry transformers' ``sequences_scores`` and each token's transition
+  score (``compute_transition_scores`` with ``beam_indices``);
+- ``parents`` names, after each step, the beam each running beam grew from: what the
+  vLLM loop uses to hand a parent's engine request to its child.
+"""
+
+import itertools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from app.engines.beam_search import BeamSearch  # noqa: E402
+from param_mapping import BeamSpec  # noqa: E402
+
+VOCAB = 40
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    yield transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    torch.set_num_threads(threads)
+
+
+def run_ours(model, prompt, spec, min_new, eos):
+    search = BeamSearch(
+        spec,
+        prompt_len=len(prompt),
+        max_new_tokens=MAX_NEW,
+        min_new_tokens=min_new,
+        eos_token_ids=eos,
+    )
+    while not search.done:
+        beams = search.beams()
+        ids = torch.tensor([prompt + b for b in beams])
+        with torch.no_grad():
+            logits = model(ids).logits[:, -1, :].to(torch.float32)
+        values, indices = torch.topk(torch.log_softmax(logits, -1), search.logprobs_needed, -1)
+        pairs = zip(indices.tolist(), values.tolist(), strict=True)
+        search.step([list(zip(i, v, strict=True)) for i, v in pairs])
+        if not search.done:
+            for parent, tokens in zip(search.parents, search.beams(), strict=True):
+                assert tokens[:-1] == beams[parent]
+    return search.results()
+
+
+def run_transformers(model, prompt, spec, min_new, eos):
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        num_beams=spec.num_beams,
+        length_penalty=spec.length_penalty,
+        early_stopping=spec.early_stopping,
+        num_return_sequences=spec.num_return_sequences,
+        max_new_tokens=MAX_NEW,
+        min_new_tokens=min_new,
+        eos_token_id=eos,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    transitions = model.compute_transition_scores(
+        out.sequences, out.scores, out.beam_indices, normalize_logits=False
+    )
+    lengths = (out.beam_indices >= 0).sum(dim=-1).tolist()
+    rows = out.sequences[:, len(prompt) :].tolist()
+    return [
+        (row[:n], transitions[i, :n].tolist(), float(out.sequences_scores[i]))
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True))
+    ]
+
+
+PROMPTS = [[5, 6, 7, 8], [2, 11], [20, 9, 9, 17, 4]]
+# (num_beams, length_penalty, early_stopping, num_return_sequences, min_new, eos ids)
+SETTINGS = [
+    (3, 1.0, True, 2, 0, [9]),
+    (4, 2.0, False, 3, 0, [9, 39]),
+    (3, -1.0, False, 3, 2, [9]),
+    (4, 0.0, "never", 4, 0, [36]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "setting"), list(itertools.product(PROMPTS, SETTINGS)))
+def test_scores_match_transformers(tiny_model, prompt, setting):
+    num_beams, length_penalty, early_stopping, n, min_new, eos = setting
+    spec = BeamSpec(
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=n,
+    )
+    ours = run_ours(tiny_model, prompt, spec, min_new, eos)
+    theirs = run_transformers(tiny_model, prompt, spec, min_new, eos)
+    assert len(ours) == len(theirs)
+    for seq, (ids, transitions, score) in zip(ours, theirs, strict=True):
+        assert seq.token_ids == ids
+        assert seq.logprobs == pytest.approx(transitions, abs=1e-5)
+        assert seq.sequence_score == pytest.approx(score, abs=1e-5)
