@@ -58,6 +58,8 @@ def lora_server(
     args = ["--enforce-eager", "--model", str(model_dir), "--adapters-dir", str(adapters_dir)]
     # Plain beam search on the transformers backend: the same requests, both backends.
     args += ["--beam-backend", "hf"]
+    # The comparisons read the replies' token ids and log-probs (output_scores).
+    args += ["--output-scores"]
     yield from running(ServerProcess(args, log, env=STRENGTHS))
 
 
