@@ -362,7 +362,9 @@ def active_adapter(model: Any, adapter: str | None) -> Iterator[None]:
     model, adapters disabled). The transformers backend runs one batch at a time and a
     batch holds one adapter's requests (hf_engine.batch_key), so switching the active
     adapter per batch is safe there."""
-    if not hasattr(model, "set_adapter"):
+    # A PeftModel, not any transformers model: those have set_adapter too (transformers'
+    # own PEFT integration), but no disable_adapter.
+    if not hasattr(model, "disable_adapter"):
         if adapter is not None:
             raise ValueError(f"adapter {adapter!r} asked of a model without adapters")
         yield

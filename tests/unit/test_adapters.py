@@ -11,6 +11,7 @@ from app.adapters import (
     AdapterError,
     ServedAdapters,
     UnknownModel,
+    active_adapter,
     combined_rank,
     discover_adapters,
     select_adapter,
@@ -166,3 +167,20 @@ def test_engine_args_may_not_set_what_the_adapters_decide() -> None:
 
     with pytest.raises(EngineArgsError, match="KAITO_ADAPTERS_DIR"):
         check_engine_args({"max_loras": 4}, on_gpu=False, adapters={})
+
+
+def test_a_plain_transformers_model_runs_with_no_adapter() -> None:
+    """The transformers backend without adapters holds a plain transformers model, which
+    has transformers' own set_adapter but not PEFT's disable_adapter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with active_adapter(model, None):
+        pass
+    no_adapters = pytest.raises(ValueError, match="'alpha' asked of a model without adapters")
+    with no_adapters, active_adapter(model, "alpha"):
+        pass
