@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from app.engines.beam_search import BeamSearch  # noqa: E402
 from param_mapping import BeamSpec  # noqa: E402
+from tests.unit.tiny_llama import tiny_llama  # noqa: E402
 
-VOCAB = 40
 MAX_NEW = 10
 
 
@@ -24,21 +24,7 @@ MAX_NEW = 10
 def tiny_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    yield transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    yield tiny_llama(seed=1)
     torch.set_num_threads(threads)
 
 
