@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from app.engines.beam_search import BeamSearch  # noqa: E402
 from param_mapping import BeamSpec  # noqa: E402
-from tests.unit.tiny_llama import tiny_llama  # noqa: E402
+from tests.unit.tiny_llama import tiny_llama, top_logprobs, transformers_beams  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,41 +54,14 @@ def run_ours(model, prompt, spec, max_new, min_new, eos):
     steps = 0
     while not search.done:
         beams = search.beams()
-        ids = torch.tensor([prompt + b for b in beams])
-        with torch.no_grad():
-            logits = model(ids).logits[:, -1, :].to(torch.float32)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, indices = torch.topk(logprobs, search.logprobs_needed, dim=-1)
-        search.step(
-            [
-                list(zip(i.tolist(), v.tolist(), strict=True))
-                for i, v in zip(indices, values, strict=True)
-            ]
-        )
+        search.step(top_logprobs(model, prompt, beams, search.logprobs_needed))
         steps += 1
         assert steps <= max_new
     return [s.token_ids for s in search.results()]
 
 
 def run_transformers(model, prompt, spec, max_new, min_new, eos):
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        num_beams=spec.num_beams,
-        length_penalty=spec.length_penalty,
-        early_stopping=spec.early_stopping,
-        num_return_sequences=spec.num_return_sequences,
-        max_new_tokens=max_new,
-        min_new_tokens=min_new,
-        eos_token_id=eos,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-    )
-    lengths = (out.beam_indices >= 0).sum(dim=-1).tolist()
-    rows = out.sequences[:, len(prompt) :].tolist()
-    return [row[:n] for row, n in zip(rows, lengths, strict=True)]
+    return transformers_beams(model, prompt, spec, max_new, min_new, eos)[1]
 
 
 PROMPTS = [[5, 6, 7, 8], [2, 11], [30, 31, 32, 33, 34, 35], [12], [20, 9, 9, 17, 4]]

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from app.engines.beam_search import BeamSearch  # noqa: E402
 from param_mapping import BeamSpec  # noqa: E402
-from tests.unit.tiny_llama import tiny_llama  # noqa: E402
+from tests.unit.tiny_llama import tiny_llama, top_logprobs, transformers_beams  # noqa: E402
 
 MAX_NEW = 10
 
@@ -38,12 +38,7 @@ def run_ours(model, prompt, spec, min_new, eos):
     )
     while not search.done:
         beams = search.beams()
-        ids = torch.tensor([prompt + b for b in beams])
-        with torch.no_grad():
-            logits = model(ids).logits[:, -1, :].to(torch.float32)
-        values, indices = torch.topk(torch.log_softmax(logits, -1), search.logprobs_needed, -1)
-        pairs = zip(indices.tolist(), values.tolist(), strict=True)
-        search.step([list(zip(i, v, strict=True)) for i, v in pairs])
+        search.step(top_logprobs(model, prompt, beams, search.logprobs_needed))
         if not search.done:
             for parent, tokens in zip(search.parents, search.beams(), strict=True):
                 assert tokens[:-1] == beams[parent]
@@ -51,30 +46,13 @@ def run_ours(model, prompt, spec, min_new, eos):
 
 
 def run_transformers(model, prompt, spec, min_new, eos):
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        num_beams=spec.num_beams,
-        length_penalty=spec.length_penalty,
-        early_stopping=spec.early_stopping,
-        num_return_sequences=spec.num_return_sequences,
-        max_new_tokens=MAX_NEW,
-        min_new_tokens=min_new,
-        eos_token_id=eos,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_scores=True,
-    )
+    out, rows = transformers_beams(model, prompt, spec, MAX_NEW, min_new, eos)
     transitions = model.compute_transition_scores(
         out.sequences, out.scores, out.beam_indices, normalize_logits=False
     )
-    lengths = (out.beam_indices >= 0).sum(dim=-1).tolist()
-    rows = out.sequences[:, len(prompt) :].tolist()
     return [
-        (row[:n], transitions[i, :n].tolist(), float(out.sequences_scores[i]))
-        for i, (row, n) in enumerate(zip(rows, lengths, strict=True))
+        (row, transitions[i, : len(row)].tolist(), float(out.sequences_scores[i]))
+        for i, row in enumerate(rows)
     ]
 
 
