@@ -17,6 +17,7 @@ from app.metrics import HF_QUEUE_DEPTH, HF_RUNNING
 from app.settings import Settings
 from param_mapping import SamplingSpec
 from param_mapping.spec import BeamSpec
+from tests.unit.test_hf_engine import request as plain_request
 
 
 def gauge(g) -> float:
@@ -49,16 +50,6 @@ def beam_request(rid: str, prompt: list[int], **kwargs) -> GenerationRequest:
             do_sample=bool(transformers_kwargs["do_sample"]),
         ),
         transformers_kwargs=transformers_kwargs,
-    )
-
-
-def plain_request(rid: str) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=rid,
-        prompt_token_ids=[1],
-        sampling=SamplingSpec(),
-        backend="hf",
-        transformers_kwargs={"max_new_tokens": 2},
     )
 
 
