@@ -289,34 +289,37 @@ class VLLMEngine(LoadedModel):
 
     def engine_args(self, on_gpu: bool) -> dict[str, Any]:
         s = self._settings
-        return {
-            "model": s.model,
-            "served_model_name": s.model_name,
-            "dtype": s.dtype if (s.dtype != "auto" or on_gpu) else "float32",
-            "max_model_len": s.max_model_len,
-            "max_num_seqs": s.max_num_seqs,
-            "block_size": s.block_size if s.block_size is not None or on_gpu else CPU_BLOCK_SIZE,
-            "gpu_memory_utilization": s.gpu_memory_utilization,
-            "tensor_parallel_size": s.tensor_parallel_size,
-            "pipeline_parallel_size": s.pipeline_parallel_size,
-            "distributed_executor_backend": s.distributed_executor_backend,
-            # GPU only: the CPU platform has one attention backend of its own.
-            "attention_backend": s.attention_backend if on_gpu else None,
-            "enforce_eager": s.enforce_eager,
-            # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
-            "disable_log_stats": False,
-            # transformers rules vLLM lacks (typical_p, n-gram bans, ...): one processor,
-            # idle for requests that do not use it (app/engines/processors).
-            "logits_processors": [PROCESSOR_FQCN],
-            "logprobs_mode": logprobs_mode(s),
-            # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
-            # trace whose headers generate() receives (app/tracing.py). None: off.
-            "otlp_traces_endpoint": s.otlp_traces_endpoint,
-        } | self._lora_args_and_overrides()
-
-    def _lora_args_and_overrides(self) -> dict[str, Any]:
-        # The adapters' LoRA arguments, then KAITO_ENGINE_ARGS (which may not set them).
-        return lora_engine_args(self.adapters) | self._settings.engine_args_overrides
+        return (
+            {
+                "model": s.model,
+                "served_model_name": s.model_name,
+                "dtype": s.dtype if (s.dtype != "auto" or on_gpu) else "float32",
+                "max_model_len": s.max_model_len,
+                "max_num_seqs": s.max_num_seqs,
+                "block_size": s.block_size
+                if s.block_size is not None or on_gpu
+                else CPU_BLOCK_SIZE,
+                "gpu_memory_utilization": s.gpu_memory_utilization,
+                "tensor_parallel_size": s.tensor_parallel_size,
+                "pipeline_parallel_size": s.pipeline_parallel_size,
+                "distributed_executor_backend": s.distributed_executor_backend,
+                # GPU only: the CPU platform has one attention backend of its own.
+                "attention_backend": s.attention_backend if on_gpu else None,
+                "enforce_eager": s.enforce_eager,
+                # Keeps vLLM's Prometheus metrics (vllm:*) in this process's registry.
+                "disable_log_stats": False,
+                # transformers rules vLLM lacks (typical_p, n-gram bans, ...): one processor,
+                # idle for requests that do not use it (app/engines/processors).
+                "logits_processors": [PROCESSOR_FQCN],
+                "logprobs_mode": logprobs_mode(s),
+                # Traces: vLLM adds its llm_request span (queue, prefill, decode times) to the
+                # trace whose headers generate() receives (app/tracing.py). None: off.
+                "otlp_traces_endpoint": s.otlp_traces_endpoint,
+                # The adapters' LoRA arguments, then KAITO_ENGINE_ARGS (which may not set them).
+            }
+            | lora_engine_args(self.adapters)
+            | s.engine_args_overrides
+        )
 
     async def start(self) -> None:
         on_gpu = self._settings.device == "cuda" or (
