@@ -157,6 +157,14 @@ class ChatService:
         try:
             return select_adapter(model, served, self.base_model_name or "")
         except UnknownModel:
+            if model in getattr(self.engine, "merged_adapters", ()):
+                raise HTTPError(
+                    404,
+                    f"model {model!r} is merged into this server's weights with the other "
+                    "adapters (KAITO_PER_REQUEST_ADAPTERS=false): every request runs that "
+                    f"combination; send no model, or {self.base_model_name!r}",
+                    parameter="model",
+                ) from None
             known = [self.base_model_name, *served.paths()]
             raise HTTPError(
                 404,

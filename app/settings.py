@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         description="How PEFT's add_weighted_adapter combines the adapters into the default "
         "adapter of /chat (Kaito's combination_type).",
     )
+    per_request_adapters: bool = Field(
+        default=True,
+        description="Requests may pick an adapter, or the base model, by `model` (vLLM's "
+        "multi-LoRA serving). Off: every request runs the combined default adapter, merged "
+        "into the weights at start-up (a full copy of the model under XDG_CACHE_HOME), so "
+        "the engine serves at the base model's speed (docs/ADAPTERS.md).",
+    )
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=5000, ge=1, le=65535, description="Port to listen on (Kaito's 5000).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
@@ -269,6 +276,18 @@ class Settings(BaseSettings):
                     "KAITO_PIPELINE_PARALLEL_SIZE is for the vLLM engine; KAITO_BACKEND=hf "
                     "serves with transformers alone"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _merge_on_this_node(self) -> "Settings":
+        # The merged model is written to this pod's disk; Ray workers on other nodes
+        # load the model from the same path and would not find it.
+        if not self.per_request_adapters and self.distributed_executor_backend == "ray":
+            raise ValueError(
+                "KAITO_PER_REQUEST_ADAPTERS=false merges the adapters into a model written "
+                "to this node's disk, which KAITO_DISTRIBUTED_EXECUTOR_BACKEND=ray workers on "
+                "other nodes cannot read: keep per-request adapters on for multi-node serving"
+            )
         return self
 
     @property

@@ -22,10 +22,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
+from app.adapter_merge import build_merged, merged_model_dir
 from app.adapters import NO_ADAPTERS, AdapterError, ServedAdapters, prepare_adapters
 from app.engines.base import (
     Engine,
@@ -35,7 +37,7 @@ from app.engines.base import (
     Tokenizer,
 )
 from app.engines.beam_search import BeamSearch, run_on_vllm
-from app.engines.hf_engine import HFEngine
+from app.engines.hf_engine import HFEngine, torch_dtype
 from app.settings import Settings
 from param_mapping import ParameterError, SpecialTokens
 
@@ -108,6 +110,9 @@ class DispatchEngine:
         self._primary: Any = None
         # The LoRA adapters both backends serve (app/adapters.py), found at start.
         self.adapters: ServedAdapters = NO_ADAPTERS
+        # The adapters merged into the served weights (KAITO_PER_REQUEST_ADAPTERS=false):
+        # a request cannot pick them alone.
+        self.merged_adapters: tuple[str, ...] = ()
 
     # --- what the HTTP layer sees: the primary engine's ---
 
@@ -139,6 +144,8 @@ class DispatchEngine:
             self.adapters = await asyncio.to_thread(
                 prepare_adapters, s.adapters_dir, s.adapter_combination, s.model, s.model_name
             )
+            if self.adapters and not s.per_request_adapters:
+                await asyncio.to_thread(self._serve_merged)
         except AdapterError as exc:
             from app.distributed import StartupError
 
@@ -170,6 +177,27 @@ class DispatchEngine:
         else:
             await self.hf.start()
             self._primary = self.hf
+
+    def _serve_merged(self) -> None:
+        """KAITO_PER_REQUEST_ADAPTERS=false: both engines load the model with the
+        combined adapter merged into its weights (app/adapter_merge.py) and serve no
+        adapters."""
+        import torch
+
+        s = self._settings
+        on_gpu = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
+        dtype = torch_dtype(s, on_gpu)
+        assert self.adapters.combined is not None
+        cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        out = merged_model_dir(cache_root, s.model, self.adapters.combined, str(dtype))
+        merged = build_merged(s.model, self.adapters.combined, dtype, out)
+        self.merged_adapters = tuple(a.name for a in self.adapters.adapters)
+        self.adapters = NO_ADAPTERS
+        # Under the base model's served name: clients see one model, as before.
+        self._settings = s.model_copy(
+            update={"model": str(merged), "served_model_name": s.model_name}
+        )
+        self.hf.serve_settings(self._settings)
 
     async def stop(self) -> None:
         if self.vllm is not None:

@@ -122,7 +122,9 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
     return (request.adapter, settings, prompt_len)
 
 
-def _torch_dtype(settings: Settings, on_gpu: bool) -> Any:
+def torch_dtype(settings: Settings, on_gpu: bool) -> Any:
+    """The dtype the model's weights are served in (KAITO_DTYPE), as transformers'
+    from_pretrained takes it."""
     import torch
 
     if settings.dtype == "auto":
@@ -177,6 +179,12 @@ class HFEngine(LoadedModel):
         self._queue_lock = threading.Lock()
         self._failed: str | None = None
 
+    def serve_settings(self, settings: Settings) -> None:
+        """Loads the model ``settings`` names instead of the one it was made with (the
+        dispatcher's merged model); only before the model loads."""
+        assert self._model is None, "the model is already loaded"
+        self._settings = settings
+
     @property
     def loaded(self) -> bool:
         return self._model is not None
@@ -190,7 +198,7 @@ class HFEngine(LoadedModel):
         self._device = "cuda" if on_gpu else "cpu"
         log.info("loading the transformers backend: %s on %s", s.model, self._device)
         tokenizer = AutoTokenizer.from_pretrained(s.model)
-        model = AutoModelForCausalLM.from_pretrained(s.model, dtype=_torch_dtype(s, on_gpu))
+        model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch_dtype(s, on_gpu))
         model.to(self._device)  # type: ignore[arg-type]  # transformers' .to wrapper typing
         model.eval()
         config = model.config

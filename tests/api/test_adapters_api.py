@@ -66,3 +66,16 @@ def test_requests_are_counted_by_adapter(engine):
         if s.name == "kaito_backend_requests_total" and s.value > 0
     }
     assert "alpha" in counted
+
+
+def test_a_merged_adapter_cannot_be_picked_alone(engine):
+    """KAITO_PER_REQUEST_ADAPTERS=false: the engine serves the merged weights, no adapters."""
+    engine.merged_adapters = ("alpha", "beta")
+    with TestClient(create_app(Settings(served_model_name="base-llm"), engine=engine)) as c:
+        assert ask(c).status_code == 200
+        assert ask(c, model="base-llm").status_code == 200
+        assert engine.last.adapter is None
+        r = ask(c, model="beta")
+        assert r.status_code == 404
+        assert r.json()["parameter"] == "model"
+        assert "KAITO_PER_REQUEST_ADAPTERS=false" in r.json()["detail"]

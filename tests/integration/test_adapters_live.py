@@ -64,6 +64,18 @@ def lora_server(
 
 
 @pytest.fixture(scope="module")
+def merged_server(
+    model_dir: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The same adapters with per-request selection off: the combination merged in."""
+    root = tmp_path_factory.mktemp("merged-server")
+    args = ["--enforce-eager", "--model", str(model_dir), "--adapters-dir", str(adapters_dir)]
+    args += ["--no-per-request-adapters", "--beam-backend", "hf", "--output-scores"]
+    env = {**STRENGTHS, "XDG_CACHE_HOME": str(root / "cache")}
+    yield from running(ServerProcess(args, root / "server.log", env=env))
+
+
+@pytest.fixture(scope="module")
 def peft_model(model_dir: Path, adapters_dir: Path) -> PeftModel:
     """The oracle: PEFT on the base model with both adapters and Kaito's combination."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -259,3 +271,35 @@ def test_a_directory_without_adapter_config_stops_start_up(model_dir, tmp_path):
         server.stop()
     log = server.log_path.read_text()
     assert "half-copied" in log and "adapter_config.json" in log
+
+
+def test_the_merged_default_matches_peft_unmerged(merged_server, oracle, hf_tokenizer):
+    expected, logprobs = oracle(COMBINED, scores=True)
+    base_name = httpx.get(merged_server.url + "/v1/models", timeout=60).json()["data"][0]["id"]
+    for model in (None, base_name):
+        r = httpx.post(merged_server.url + "/chat", json=chat_payload(model), timeout=120)
+        assert r.status_code == 200, r.text
+        assert token_ids(r.json(), 1) == expected, model
+        got = [t["logprob"] for t in r.json()["sequences"][0]["tokens"]]
+        assert got == pytest.approx(logprobs, abs=2e-3), model
+    # The transformers backend loads the same merged model.
+    r = httpx.post(merged_server.url + "/chat", json=chat_payload(None, num_beams=2), timeout=600)
+    assert r.status_code == 200, r.text
+    assert r.json()["backend"] == "hf"
+    from app.pipeline_text import PipelineDecoder
+
+    prompt_ids = hf_tokenizer.encode(PROMPT)
+    text = PipelineDecoder(hf_tokenizer, prompt_ids, clean_up=False).new_text(
+        oracle(COMBINED, num_beams=2)
+    )
+    assert r.json()["Result"] == text
+
+
+def test_the_merged_server_runs_no_lora(merged_server):
+    models = httpx.get(merged_server.url + "/v1/models", timeout=60).json()["data"]
+    assert [m.get("parent") for m in models] == [None]
+    r = httpx.post(merged_server.url + "/chat", json=chat_payload("alpha"), timeout=60)
+    assert r.status_code == 404, r.text
+    assert "KAITO_PER_REQUEST_ADAPTERS=false" in r.json()["detail"]
+    text = httpx.get(merged_server.url + "/metrics", timeout=60).text
+    assert "vllm:lora_requests_info" not in text  # vLLM's LoRA manager is off
