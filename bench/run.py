@@ -26,10 +26,13 @@ from typing import Any
 from app.settings import DEFAULT_MODEL_DIR
 from bench import report
 from bench.loadgen import LevelResult, summarize
-from bench.systems import REPO, SYSTEMS, BenchConfig, HttpSystem, System, kill_all
+from bench.lora_systems import LORA_SYSTEMS
+from bench.systems import REPO, BenchConfig, HttpSystem, System, kill_all
+from bench.systems import SYSTEMS as SERVER_SYSTEMS
 from bench.workload import Workload, load_prompts
 
 RESULTS_DIR = REPO / "bench" / "results"
+SYSTEMS = SERVER_SYSTEMS | LORA_SYSTEMS
 
 
 @dataclass
