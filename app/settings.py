@@ -56,9 +56,10 @@ class Settings(BaseSettings):
         default=None,
         gt=0,
         description="Tokens per KV cache block. Prefix caching reuses whole blocks only, "
-        "so smaller blocks let beam search and shared prompts reuse more. Unset: 32 on CPU "
-        "(vLLM's CPU default, 128, reuses nothing of a prompt shorter than 128 tokens; "
-        "bench/NOTES_beam.md), vLLM's default on a GPU.",
+        "so smaller blocks let beam search and shared prompts reuse more. On CPU a multiple "
+        "of 32 (vLLM's CPU kernels). Unset: 32 on CPU (vLLM's CPU default, 128, reuses "
+        "nothing of a prompt shorter than 128 tokens; bench/NOTES_beam.md), vLLM's default "
+        "on a GPU.",
     )
     kv_cache_space_gib: float = Field(
         default=2.0, gt=0, description="KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."

@@ -39,9 +39,22 @@ log = logging.getLogger(__name__)
 
 # KV block size on CPU when KAITO_BLOCK_SIZE is unset. vLLM's CPU default (128) leaves
 # every prompt shorter than 128 tokens out of the prefix cache, which the beam loop's
-# forks rely on; 32 keeps the CPU kernels on their preferred multiple of 32 (what is and
+# forks rely on; 32 is the smallest the CPU kernels take (a multiple of 32) (what is and
 # is not measured: bench/NOTES_beam.md).
 CPU_BLOCK_SIZE = 32
+
+
+def check_block_size(block_size: int | None, on_gpu: bool) -> None:
+    """vLLM's CPU attention kernels take only multiples of 32 tokens per block
+    (cpu_attn.py get_supported_kernel_block_sizes); another value fails deep in the
+    engine's start, minutes in, with a message that names no setting."""
+    if not on_gpu and block_size is not None and block_size % CPU_BLOCK_SIZE:
+        from app.distributed import StartupError
+
+        raise StartupError(
+            f"KAITO_BLOCK_SIZE must be a multiple of {CPU_BLOCK_SIZE} on CPU (vLLM's CPU "
+            f"attention kernels), got {block_size}"
+        )
 
 
 def gpu_available() -> bool:
@@ -328,6 +341,7 @@ class VLLMEngine(LoadedModel):
         # Every check that can fail fast runs before the engine spawns anything.
         check_engine_args(self._settings.engine_args_overrides, on_gpu)
         check_parallel_layout(self._settings, on_gpu)
+        check_block_size(self._settings.block_size, on_gpu)
         configure_vllm_environment(self._settings, on_gpu)
         if self._settings.distributed_executor_backend == "ray":
             await asyncio.to_thread(wait_for_ray_cluster, self._settings, on_gpu)

@@ -3,7 +3,8 @@
 import pytest
 
 from app.engines.vllm_args import EngineArgsError, check_engine_args
-from app.engines.vllm_engine import CPU_BLOCK_SIZE, VLLMEngine
+from app.distributed import StartupError
+from app.engines.vllm_engine import CPU_BLOCK_SIZE, VLLMEngine, check_block_size
 from app.settings import Settings, load_settings
 
 
@@ -33,3 +34,11 @@ def test_engine_args_cannot_set_it_too():
 def test_a_bad_value_stops_start_up():
     with pytest.raises(ValueError, match="block_size"):
         Settings(block_size=0)
+
+
+def test_cpu_blocks_must_be_a_multiple_of_32_before_the_engine_starts():
+    with pytest.raises(StartupError, match="KAITO_BLOCK_SIZE must be a multiple of 32 on CPU"):
+        check_block_size(16, on_gpu=False)
+    for ok in (None, 32, 64, 128):
+        check_block_size(ok, on_gpu=False)
+    check_block_size(16, on_gpu=True)  # the GPU backends decide there (16 is their default)
