@@ -147,10 +147,19 @@ class Settings(BaseSettings):
         description="Most waiting beam-search requests with equal settings the transformers "
         "backend runs together as one batch (1: one request at a time).",
     )
-    beam_backend: Literal["vllm", "hf"] = Field(
-        default="vllm",
+    hf_batch_wait_ms: int = Field(
+        default=50,
+        ge=0,
+        le=1000,
+        description="How long the transformers backend holds a request that could batch "
+        "before starting it alone, so that the rest of a burst joins its batch (0: never).",
+    )
+    beam_backend: Literal["auto", "vllm", "hf"] = Field(
+        default="auto",
         description="Where plain beam search (num_beams > 1, greedy, one group) runs when "
-        "vLLM serves: vllm (a step loop in the engine, batched with other requests) or hf.",
+        "vLLM serves: vllm (a step loop in the engine, batched with other requests), hf (the "
+        "transformers backend, batched), or auto: hf on CPU when KAITO_HF_FALLBACK is on "
+        "(faster there, docs/BEAM.md), vllm on a GPU.",
     )
     max_num_beams: int = Field(
         default=8, ge=1, le=64, description="Largest num_beams a request may ask for."

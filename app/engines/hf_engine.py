@@ -23,9 +23,10 @@ models whose architecture vLLM does not support (``KAITO_BACKEND=auto``).
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.adapters import NO_ADAPTERS, ServedAdapters, active_adapter, load_into_peft
@@ -50,6 +51,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     started: bool = False
     cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
 
     def settle(self, result: list[GeneratedSequence] | BaseException) -> None:
         def _set() -> None:
@@ -177,6 +179,8 @@ class HFEngine(LoadedModel):
         # Waiting requests, oldest first; the lock also guards each job's flags.
         self._waiting: list[_Job] = []
         self._queue_lock = threading.Lock()
+        # Signalled when a request joins the queue (the batching window waits on it).
+        self._arrival = threading.Condition(self._queue_lock)
         self._failed: str | None = None
 
     def serve_settings(self, settings: Settings) -> None:
@@ -252,9 +256,10 @@ class HFEngine(LoadedModel):
         loop = asyncio.get_running_loop()
         job = _Job(request, loop.create_future(), loop)
         self._jobs[request.request_id] = job
-        with self._queue_lock:
+        with self._arrival:
             self._waiting.append(job)
             HF_QUEUE_DEPTH.inc()
+            self._arrival.notify_all()
         # One turn of the worker per request: a turn runs the oldest waiting request and
         # whatever batches with it, so there are always at least as many turns as batches.
         self._executor.submit(self._run_next)
@@ -296,7 +301,30 @@ class HFEngine(LoadedModel):
             HF_QUEUE_DEPTH.dec(len(batch))
         return batch
 
+    def _await_batch(self) -> None:
+        """Holds a batchable oldest request until KAITO_HF_BATCH_WAIT_MS after its
+        arrival, or until its batch is full: a burst's requests arrive milliseconds
+        apart, and without the wait the first would run alone with the rest batched
+        behind it (half the speed for a burst of beam requests, bench/NOTES_beam.md)."""
+        wait_s = self._settings.hf_batch_wait_ms / 1000
+        with self._arrival:
+            if not self._waiting or wait_s <= 0 or self._settings.hf_max_batch == 1:
+                return
+            head = self._waiting[0]
+            key = batch_key(head.request)
+            if key is None:
+                return
+            deadline = head.arrived + wait_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                if self._waiting[:1] != [head]:  # cancelled meanwhile
+                    return
+                mates = sum(1 for job in self._waiting if batch_key(job.request) == key)
+                if mates >= self._settings.hf_max_batch:
+                    return
+                self._arrival.wait(remaining)
+
     def _run_next(self) -> None:
+        self._await_batch()
         jobs = self._take_batch()
         if not jobs:
             return

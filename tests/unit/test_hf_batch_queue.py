@@ -56,8 +56,8 @@ def beam_request(rid: str, prompt: list[int], **kwargs) -> GenerationRequest:
 class RecordingEngine(HFEngine):
     """HFEngine whose batches block until the test releases them."""
 
-    def __init__(self, max_batch: int = 8) -> None:
-        super().__init__(Settings(hf_max_batch=max_batch))
+    def __init__(self, max_batch: int = 8, wait_ms: int = 50) -> None:
+        super().__init__(Settings(hf_max_batch=max_batch, hf_batch_wait_ms=wait_ms))
         self._model = object()  # "loaded"
         self.batches: list[list[str]] = []
         self.release = threading.Event()
@@ -159,6 +159,48 @@ async def test_a_cancelled_waiting_request_leaves_the_batch_it_would_have_joined
     engine.release.set()
     await asyncio.gather(first, b)
     assert gauge(HF_QUEUE_DEPTH) == 0 and gauge(HF_RUNNING) == 0
+    await engine.stop()
+
+
+async def burst(engine: RecordingEngine, count: int, gap_s: float) -> list[asyncio.Task]:
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.create_task(engine.generate(beam_request(f"b{i}", [1] * (i + 1)))))
+        await asyncio.sleep(gap_s)
+    return tasks
+
+
+async def test_a_burst_arriving_milliseconds_apart_runs_as_one_batch():
+    engine = RecordingEngine(max_batch=8, wait_ms=300)
+    tasks = await burst(engine, 3, gap_s=0.03)
+    await engine.next_batch()
+    assert engine.batches == [["b0", "b1", "b2"]]
+    engine.release.set()
+    await asyncio.gather(*tasks)
+    await engine.stop()
+
+
+async def test_without_the_window_the_first_of_a_burst_runs_alone():
+    engine = RecordingEngine(max_batch=8, wait_ms=0)
+    tasks = await burst(engine, 3, gap_s=0.03)
+    await engine.next_batch()
+    engine.release.set()
+    await engine.next_batch()
+    engine.release.set()
+    await asyncio.gather(*tasks)
+    assert engine.batches == [["b0"], ["b1", "b2"]]
+    await engine.stop()
+
+
+async def test_a_full_batch_starts_without_waiting_out_the_window():
+    engine = RecordingEngine(max_batch=2, wait_ms=1000)
+    start = asyncio.get_running_loop().time()
+    tasks = await burst(engine, 2, gap_s=0.0)
+    await engine.next_batch()
+    assert engine.batches == [["b0", "b1"]]
+    assert asyncio.get_running_loop().time() - start < 0.5
+    engine.release.set()
+    await asyncio.gather(*tasks)
     await engine.stop()
 
 
