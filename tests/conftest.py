@@ -101,6 +101,9 @@ def live_server(
     log = tmp_path_factory.mktemp("server") / "server.log"
     # Scores on: many live tests read token ids and log-probs from output_scores.
     args = ["--enforce-eager", "--output-scores", "--model", str(model_dir)]
+    # The vLLM beam step loop (the GPU default) under test; on CPU auto would pick the
+    # transformers backend, which tests/integration/test_hf_batching.py covers.
+    args += ["--beam-backend", "vllm"]
     yield from running(ServerProcess(args, log))
 
 

@@ -113,6 +113,8 @@ class DispatchEngine:
         # The adapters merged into the served weights (KAITO_PER_REQUEST_ADAPTERS=false):
         # a request cannot pick them alone.
         self.merged_adapters: tuple[str, ...] = ()
+        # Where plain beam search runs (KAITO_BEAM_BACKEND, resolved at start).
+        self._plain_beams_on_hf = settings.beam_backend == HF
 
     # --- what the HTTP layer sees: the primary engine's ---
 
@@ -172,21 +174,39 @@ class DispatchEngine:
             self.vllm.adapters = self.adapters
             await self.vllm.start()
             self._primary = self.vllm
+            self._plain_beams_on_hf = self._resolve_beam_backend()
             if self._settings.hf_preload:
                 await self.hf.start()
         else:
             await self.hf.start()
             self._primary = self.hf
 
+    def _on_gpu(self) -> bool:
+        import torch
+
+        device = self._settings.device
+        return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+    def _resolve_beam_backend(self) -> bool:
+        """Whether plain beam search goes to the transformers backend.
+
+        auto: on CPU, yes when the fallback may load it. There each step of the vLLM step
+        loop costs an engine iteration as dear as a whole batched step of transformers,
+        and forked beams wait for a second one, so the batched transformers backend is
+        ~1.8x faster (bench/NOTES_beam.md). On a GPU the step loop: it batches beams with
+        every other request and needs no second copy of the weights in GPU memory.
+        """
+        choice = self._settings.beam_backend
+        if choice != "auto":
+            return choice == HF
+        return self._settings.hf_fallback and not self._on_gpu()
+
     def _serve_merged(self) -> None:
         """KAITO_PER_REQUEST_ADAPTERS=false: both engines load the model with the
         combined adapter merged into its weights (app/adapter_merge.py) and serve no
         adapters."""
-        import torch
-
         s = self._settings
-        on_gpu = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
-        dtype = torch_dtype(s, on_gpu)
+        dtype = torch_dtype(s, self._on_gpu())
         assert self.adapters.combined is not None
         cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         out = merged_model_dir(cache_root, s.model, self.adapters.combined, str(dtype))
@@ -214,7 +234,7 @@ class DispatchEngine:
             return HF
         beam = request.beam
         if beam is not None:
-            if self._settings.beam_backend == HF or beam.is_group or beam.do_sample:
+            if self._plain_beams_on_hf or beam.is_group or beam.do_sample:
                 return HF
             if self._beam_search(request).logprobs_needed > self._max_logprobs():
                 return HF

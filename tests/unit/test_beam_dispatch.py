@@ -89,17 +89,26 @@ async def test_backend_hf_forces_transformers_and_vllm_skips_the_check():
     assert vllm.started and engine.route(req()) == "vllm"
 
 
-async def test_plain_beam_search_runs_on_vllm_unless_told_otherwise():
-    engine, *_ = make()
+@pytest.mark.parametrize(
+    ("settings", "where"),
+    [
+        # auto: the step loop on a GPU, the batched transformers backend on CPU...
+        ({"device": "cuda"}, "vllm-beam"),
+        ({"device": "cpu"}, "hf"),
+        # ...unless the transformers backend may not load.
+        ({"device": "cpu", "hf_fallback": False}, "vllm-beam"),
+        ({"device": "cpu", "beam_backend": "vllm"}, "vllm-beam"),
+        ({"device": "cuda", "beam_backend": "hf"}, "hf"),
+    ],
+)
+async def test_where_plain_beam_search_runs(settings, where):
+    engine, *_ = make(**settings)
     await engine.start()
-    assert engine.route(req(beam=BeamSpec(num_beams=4))) == "vllm-beam"
-    engine, *_ = make(beam_backend="hf")
-    await engine.start()
-    assert engine.route(req(beam=BeamSpec(num_beams=4))) == "hf"
+    assert engine.route(req(beam=BeamSpec(num_beams=4))) == where
 
 
 async def test_beam_search_needing_more_logprobs_than_vllm_returns_goes_to_transformers():
-    engine, vllm, _ = make()
+    engine, vllm, _ = make(beam_backend="vllm")
     await engine.start()
     # 8 beams with 3 eos ids: K = (1 + 3) * 8 = 32 top log-probs > vLLM's 20.
     request = GenerationRequest(
