@@ -22,7 +22,10 @@ SETTING = "KAITO_OUTPUT_SCORES=true"
 @pytest.fixture(scope="module")
 def default_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("no-scores") / "server.log"
-    yield from running(ServerProcess(["--enforce-eager", "--model", str(model_dir)], log))
+    # The vLLM beam step loop (the GPU default) reads raw log-probs here; the CPU default
+    # would send plain beams to the transformers backend.
+    args = ["--enforce-eager", "--model", str(model_dir), "--beam-backend", "vllm"]
+    yield from running(ServerProcess(args, log))
 
 
 def test_the_engine_runs_raw_logprobs(default_server):

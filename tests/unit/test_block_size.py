@@ -2,8 +2,8 @@
 
 import pytest
 
-from app.engines.vllm_args import EngineArgsError, check_engine_args
 from app.distributed import StartupError
+from app.engines.vllm_args import EngineArgsError, check_engine_args
 from app.engines.vllm_engine import CPU_BLOCK_SIZE, VLLMEngine, check_block_size
 from app.settings import Settings, load_settings
 
