@@ -182,7 +182,8 @@ async def test_a_burst_arriving_milliseconds_apart_runs_as_one_batch():
 
 async def test_without_the_window_the_first_of_a_burst_runs_alone():
     engine = RecordingEngine(max_batch=8, wait_ms=0)
-    tasks = await burst(engine, 3, gap_s=0.03)
+    # Gaps wide enough that the worker surely took the first before the second arrives.
+    tasks = await burst(engine, 3, gap_s=0.2)
     await engine.next_batch()
     engine.release.set()
     await engine.next_batch()
