@@ -37,7 +37,7 @@ from app.engines.base import (
     Tokenizer,
 )
 from app.engines.beam_search import BeamSearch, run_on_vllm
-from app.engines.hf_engine import HFEngine, torch_dtype
+from app.engines.hf_engine import HFEngine, torch_dtype, uses_gpu
 from app.settings import Settings
 from param_mapping import ParameterError, SpecialTokens
 
@@ -181,12 +181,6 @@ class DispatchEngine:
             await self.hf.start()
             self._primary = self.hf
 
-    def _on_gpu(self) -> bool:
-        import torch
-
-        device = self._settings.device
-        return device == "cuda" or (device == "auto" and torch.cuda.is_available())
-
     def _resolve_beam_backend(self) -> bool:
         """Whether plain beam search goes to the transformers backend.
 
@@ -199,14 +193,14 @@ class DispatchEngine:
         choice = self._settings.beam_backend
         if choice != "auto":
             return choice == HF
-        return self._settings.hf_fallback and not self._on_gpu()
+        return self._settings.hf_fallback and not uses_gpu(self._settings)
 
     def _serve_merged(self) -> None:
         """KAITO_PER_REQUEST_ADAPTERS=false: both engines load the model with the
         combined adapter merged into its weights (app/adapter_merge.py) and serve no
         adapters."""
         s = self._settings
-        dtype = torch_dtype(s, self._on_gpu())
+        dtype = torch_dtype(s, uses_gpu(self._settings))
         assert self.adapters.combined is not None
         cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         out = merged_model_dir(cache_root, s.model, self.adapters.combined, str(dtype))

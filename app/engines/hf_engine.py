@@ -124,6 +124,13 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
     return (request.adapter, settings, prompt_len)
 
 
+def uses_gpu(settings: Settings) -> bool:
+    """Whether the model runs on a GPU (KAITO_DEVICE; auto: when torch sees one)."""
+    import torch
+
+    return settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+
+
 def torch_dtype(settings: Settings, on_gpu: bool) -> Any:
     """The dtype the model's weights are served in (KAITO_DTYPE), as transformers'
     from_pretrained takes it."""
@@ -194,11 +201,10 @@ class HFEngine(LoadedModel):
         return self._model is not None
 
     def _load(self) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         s = self._settings
-        on_gpu = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
+        on_gpu = uses_gpu(s)
         self._device = "cuda" if on_gpu else "cpu"
         log.info("loading the transformers backend: %s on %s", s.model, self._device)
         tokenizer = AutoTokenizer.from_pretrained(s.model)
