@@ -32,6 +32,7 @@ from app.engines.hf_engine import HFEngine
 from app.settings import Settings
 from bench.workload import continuation_prompts
 from param_mapping import to_generation_plan
+from tests.integration.test_beam_parity import group_kwargs
 
 pytestmark = pytest.mark.integration
 
@@ -183,15 +184,7 @@ def test_group_beam_search_in_one_batch_equals_transformers_4(group_reference, h
     """Every fixture case, each setting's prompts (different lengths) in one batch."""
     eos, pad = group_reference["eos_token_id"], group_reference["pad_token_id"]
     for cases in group_settings(group_reference).values():
-        kwargs = {
-            "do_sample": False,
-            "length_penalty": 1.0,
-            "early_stopping": False,
-            "num_return_sequences": 1,
-            **cases[0]["generate_kwargs"],
-            "eos_token_id": [eos],
-            "pad_token_id": pad,
-        }
+        kwargs = group_kwargs(cases[0], eos, pad)
         assert len({len(c["prompt_ids"]) for c in cases}) > 1
         results = group_beam_search_batch(hf_model, [c["prompt_ids"] for c in cases], kwargs)
         for case, sequences in zip(cases, results, strict=True):
